@@ -1,0 +1,82 @@
+"""bp.py: end-to-end backpropagation, the baseline every local-learning paper compares to.
+
+The same backbone, data and protocol as the local methods, trained as one module (K=1): one
+forward, one cross-entropy on the head, one backward. `--grad-checkpoint N` recomputes the forward
+of N segments during backward instead of storing their activations (gradient checkpointing, Chen
+et al. 2016), the memory baseline of InfoPro's Table 3.
+
+    python bp.py --dataset synthetic --arch resnet32                 # CPU, a few minutes
+    python bp.py --dataset cifar10 --arch resnet110 --grad-checkpoint 4
+    torchrun --nproc_per_node=2 bp.py --dataset cifar10 --arch resnet32
+"""
+import functools
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import common
+
+# ================================= METHOD: BP =====================================================
+
+
+def method_args(parser):
+    parser.add_argument("--grad-checkpoint", type=int, default=0, metavar="N",
+                        help="recompute activations in N segments during backward (0: off)")
+
+
+def build_aux(args, net, modules, data):
+    """End to end: no auxiliary networks, one module."""
+    if args.k != 1:
+        common.die(f"bp.py trains end to end, so --k must be 1 (got {args.k}); local methods take --k")
+    if not 0 <= args.grad_checkpoint <= len(net.layers):
+        common.die(f"--grad-checkpoint must be from 0 to {len(net.layers)} (the number of layers)")
+    return nn.ModuleList()
+
+
+@functools.cache
+def checkpoint_segments(layers, n):
+    """The layers cut into n contiguous segments of about equal length."""
+    cuts = common.even_cuts([1] * len(layers), n)
+    return [[layers[i] for i in seg] for seg in common.modules_from_cuts(cuts, len(layers))]
+
+
+def train_step(net, modules, aux, args, x, y):
+    """Forward through every layer, CE on the head, one backward."""
+    (layers,) = modules
+    if args.grad_checkpoint:
+        h = x
+        for segment in checkpoint_segments(tuple(layers), args.grad_checkpoint):
+            h = checkpoint(net.run, segment, h, use_reentrant=False)
+    else:
+        h = net.run(layers, x)
+    logits = net.head(h)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    return loss.detach(), logits.detach()
+
+
+# ================================= END METHOD =====================================================
+
+
+def main(argv=None):
+    args = common.parse_args(argv, __doc__, "bp", k=1, epochs=160, add_method_args=method_args)
+    run = common.Run(args)
+    data = common.load_data(args, run.device)
+    net = common.build_backbone(args, data, run.device)
+    modules = common.make_modules(args, net, data)
+    aux = build_aux(args, net, modules, data).to(run.device)
+    model = nn.ModuleDict({"net": net, "aux": aux})
+    opt = common.make_optimizer(args, model)
+    step = functools.partial(train_step, net, modules, aux, args)
+    for epoch in run.start(model, opt, data):
+        lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
+        test_acc = common.evaluate(run, args, data, model, net)
+        run.end_epoch(epoch, lr, train, test_acc, model, opt)
+        if run.done():
+            break
+    return run.finish(model, modules)
+
+
+if __name__ == "__main__":
+    main()
