@@ -243,6 +243,14 @@ def synthetic_images(n, seed, size=32, num_classes=10):
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
+def fake_images(spec, n, seed):
+    """Random uint8 images and labels of a dataset's shape: data for speed and memory benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    size = spec.image_size
+    return (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            torch.randint(0, spec.num_classes, (n,), generator=g))
+
+
 def _unpickle(path):
     with open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")
@@ -307,7 +315,7 @@ def read_raw_dataset(name, data_dir):
 class Data:
     """A small dataset resident on the training device as uint8, augmented per batch on the device."""
 
-    def __init__(self, name, train, test, device):
+    def __init__(self, name, train, test, device, channels_last=False, augment=True):
         self.name, self.spec = name, DATASETS[name]
         self.num_classes, self.image_size = self.spec.num_classes, self.spec.image_size
         as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
@@ -317,6 +325,8 @@ class Data:
         self.mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.augment_train = augment
 
     def normalize(self, x_uint8):
         return (x_uint8.float() / 255 - self.mean) / self.std
@@ -343,12 +353,13 @@ class Data:
         aug = torch.Generator(device=self.device).manual_seed((seed * 100003 + epoch) * 1009 + rank + 1)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size][rank::world]
-            yield self.augment(self.train_x[idx], aug), self.train_y[idx]
+            x = self.augment(self.train_x[idx], aug) if self.augment_train else self.normalize(self.train_x[idx])
+            yield x.contiguous(memory_format=self.memory_format), self.train_y[idx]
 
     def test_batches(self, batch_size, rank=0, world=1):
         for start in range(0, len(self.test_y), batch_size):
             sl = slice(start + rank, start + batch_size, world)
-            yield self.normalize(self.test_x[sl]), self.test_y[sl]
+            yield self.normalize(self.test_x[sl]).contiguous(memory_format=self.memory_format), self.test_y[sl]
 
     @property
     def resident_bytes(self):
@@ -361,11 +372,14 @@ def load_data(args, device):
     if args.dataset == "synthetic":
         train = synthetic_images(SYNTHETIC_TRAIN, seed=1)
         test = synthetic_images(SYNTHETIC_TEST, seed=2)
+    elif args.fake_data:
+        train, test = (fake_images(DATASETS[args.dataset], n, seed) for n, seed in ((8 * args.batch_size, 1),
+                                                                                   (args.batch_size, 2)))
     else:
         train, test = read_raw_dataset(args.dataset, args.data_dir)
     if args.subset:
         train, test = [(x[:args.subset], y[:args.subset]) for x, y in (train, test)]
-    return Data(args.dataset, train, test, device)
+    return Data(args.dataset, train, test, device, args.channels_last, augment=not args.no_augment)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +413,13 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None):
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--subset", type=int, default=None, metavar="N",
                    help="use only the first N training and N test images (quick checks)")
+    p.add_argument("--fake-data", action="store_true",
+                   help="random images of the dataset's shape instead of its files (benchmarks)")
+    p.add_argument("--no-augment", action="store_true", help="train on the images as they are (no crop, no flip)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (no grad scaler); fp32 by default")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and data")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every layer, the head and every auxiliary net (backwards stay per module)")
     if add_method_args:
         add_method_args(p)
     args = p.parse_args(argv)
@@ -541,7 +562,8 @@ class Run:
 
     # -- model state ----------------------------------------------------------------------------
     def start(self, model, opt, data):
-        """Resume from the checkpoint if asked; remember the resident data for memory accounting."""
+        """Resume from the checkpoint if asked, apply --channels-last and --compile, and remember
+        the resident data for memory accounting. Returns the epochs still to train."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.mem_base = data.resident_bytes
@@ -556,6 +578,13 @@ class Run:
                 with open(self.metrics_path) as f:
                     lines = [l for l in f if json.loads(l)["epoch"] <= ckpt["epoch"]]
                 atomic_write_text(self.metrics_path, "".join(lines))
+        if self.args.channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
+        if self.args.compile:  # per piece, so that every local backward still runs at once
+            torch._dynamo.config.recompile_limit = 64  # many blocks share one forward; train and eval
+            for piece in (*model["net"].layers, model["net"].head, *model["aux"].children(),
+                          *[m for name, m in model.items() if name not in ("net", "aux")]):
+                piece.compile()
         return range(self.start_epoch, self.args.epochs + 1)
 
     def done(self):
@@ -698,6 +727,10 @@ def atomic_save(obj, path):
 # The epoch: training (the method's step on every batch) and evaluation.
 # ----------------------------------------------------------------------------------------------
 
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
 def train_epoch(run, args, data, model, opt, epoch, train_step):
     """One epoch of `train_step(x, y) -> (final loss, logits)`, which does the method's forward and
     its per-module backwards; then gradients are averaged over ranks and one optimizer step is
@@ -715,7 +748,7 @@ def train_epoch(run, args, data, model, opt, epoch, train_step):
             break
         run.before_step()
         opt.zero_grad(set_to_none=True)
-        with run.activation_hooks():
+        with run.activation_hooks(), autocast(args, run.device):
             loss, logits = train_step(x, y)
         run.average_gradients(model.parameters())
         opt.step()
@@ -738,7 +771,9 @@ def evaluate(run, args, data, model, predict):
     model.eval()
     correct = torch.zeros(2, device=run.device)
     for x, y in data.test_batches(args.batch_size, run.rank, run.world):
-        correct += torch.stack([(predict(x).argmax(1) == y).sum().float(),
+        with autocast(args, run.device):
+            logits = predict(x)
+        correct += torch.stack([(logits.argmax(1) == y).sum().float(),
                                 torch.tensor(float(len(y)), device=run.device)])
     right, seen = run.all_sum(correct).tolist()
     return right / seen

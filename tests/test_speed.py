@@ -1,0 +1,83 @@
+"""--bf16, --channels-last, --compile, --no-augment, --fake-data and the benchmark script."""
+import os
+import sys
+
+import pytest
+import torch
+
+import common
+import dgl
+from conftest import QUICK, ROOT, run_script
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench  # noqa: E402
+
+
+def setup(*flags, k=4):
+    args = common.parse_args([*QUICK, "--k", str(k), *flags, "--out", "unused"], "", "dgl", 16, 160)
+    data = common.load_data(args, torch.device("cpu"))
+    net = common.build_backbone(args, data, torch.device("cpu"))
+    modules = common.make_modules(args, net, data)
+    aux = dgl.build_aux(args, net, modules, data)
+    return args, data, net, modules, aux
+
+
+def test_bf16_channels_last_step_matches_fp32():
+    losses = {}
+    for flags in ((), ("--bf16", "--channels-last")):
+        args, data, net, modules, aux = setup(*flags)
+        if args.channels_last:
+            net.to(memory_format=torch.channels_last)
+            aux.to(memory_format=torch.channels_last)
+        x, y = next(data.train_batches(1, 32, 0))
+        assert x.is_contiguous(memory_format=torch.channels_last) == args.channels_last
+        with common.autocast(args, torch.device("cpu")):
+            loss, logits = dgl.train_step(net, modules, aux, args, x, y)
+        losses[flags] = loss.float().item()
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    fp32, fast = losses.values()
+    assert abs(fast - fp32) < 0.05 * fp32
+
+
+def test_bf16_channels_last_run(tmp_path):
+    summary = run_script("dgl", tmp_path / "run", "--k", "4", "--bf16", "--channels-last", "--steps", "2",
+                         "--subset", "128")
+    assert summary["steps"] == 2 and summary["act_mem_bytes"] > 0
+
+
+def test_compile_wraps_every_piece_without_changing_state_keys(tmp_path):
+    args, data, net, modules, aux = setup("--compile")
+    args.out = str(tmp_path / "run")
+    run = common.Run(args)
+    model = torch.nn.ModuleDict({"net": net, "aux": aux})
+    keys = set(model.state_dict())
+    run.start(model, common.make_optimizer(args, model), data)
+    pieces = [*net.layers, net.head, *aux.children()]
+    assert all(p._compiled_call_impl is not None for p in pieces)
+    assert set(model.state_dict()) == keys  # checkpoints stay loadable without --compile
+
+
+def test_no_augment_and_fake_data():
+    args, data, *_ = setup("--no-augment")
+    x, y = next(data.train_batches(1, 256, 0))
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(0 * 100003 + 1))
+    torch.testing.assert_close(x, data.normalize(data.train_x[order]))
+    args = common.parse_args(["--dataset", "stl10", "--fake-data", "--batch-size", "4", "--out", "x"], "", "dgl", 16, 160)
+    fake = common.load_data(args, torch.device("cpu"))
+    assert fake.train_x.shape == (32, 3, 96, 96) and fake.num_classes == 10 and fake.train_y.max() < 10
+
+
+def test_benchmark_table_on_cpu(tmp_path):
+    rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "--steps", "3", "--device", "cpu",
+                       "--out", str(tmp_path / "table.md")])
+    assert [r["method"] for r in rows] == ["bp", "dgl"]  # the bp baseline is added
+    assert all("error" not in r for r in rows)
+    assert rows[1]["memory"] < 0.6 * rows[0]["memory"]
+    text = (tmp_path / "table.md").read_text()
+    assert "| dgl | resnet32 | 4 | cifar10 | 16 | fp32 |" in text and "activation MiB (CPU)" in text
+
+
+def test_benchmark_bad_case():
+    with pytest.raises(SystemExit, match="write METHOD:ARCH:K:DATASET:BATCH"):
+        bench.main(["--cases", "dgl:resnet32"])
