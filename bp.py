@@ -71,8 +71,8 @@ def main(argv=None):
     step = functools.partial(train_step, net, modules, aux, args)
     for epoch in run.start(model, opt, data):
         lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
-        test_acc = common.evaluate(run, args, data, model, net)
-        run.end_epoch(epoch, lr, train, test_acc, model, opt)
+        test = common.evaluate(run, args, data, model, net)
+        run.end_epoch(epoch, lr, train, test, model, opt)
         if run.done():
             break
     return run.finish(model, modules)

@@ -6,6 +6,7 @@ Everything a method script needs that is not the method itself lives here, so th
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -87,7 +88,8 @@ class Backbone(nn.Module):
 
 
 CIFAR_DEPTHS = {"resnet32": 5, "resnet110": 18}  # BasicBlocks per stage
-ARCHS = tuple(CIFAR_DEPTHS)
+IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext101_32x8d", "vgg13_bn")
+ARCHS = (*CIFAR_DEPTHS, *IMAGENET_ARCHS)
 
 
 def cifar_resnet(arch, num_classes):
@@ -102,10 +104,29 @@ def cifar_resnet(arch, num_classes):
     return init_weights(Backbone(layers, head))
 
 
+def imagenet_backbone(arch, num_classes):
+    """torchvision's model definition (and init), re-listed as layers: ResNets: the stem (conv, BN,
+    ReLU, max-pool), then every block; VGG: every conv-BN-ReLU with the max-pool before it. The
+    head is the global pool and the classifier (VGG: its last max-pool too)."""
+    import torchvision
+    m = getattr(torchvision.models, arch)(num_classes=num_classes)
+    if arch.startswith("vgg"):
+        layers, pending = [], []
+        for op in m.features:
+            pending.append(op)
+            if isinstance(op, nn.ReLU):
+                layers.append(nn.Sequential(*pending))
+                pending = []
+        return Backbone(layers, nn.Sequential(*pending, m.avgpool, nn.Flatten(), m.classifier))
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+    blocks = [block for stage in (m.layer1, m.layer2, m.layer3, m.layer4) for block in stage]
+    return Backbone([stem, *blocks], nn.Sequential(m.avgpool, nn.Flatten(), m.fc))
+
+
 def build_backbone(args, data, device):
-    if args.arch not in ARCHS:
-        die(f"unknown --arch {args.arch!r}: choose one of {', '.join(ARCHS)}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
+    if args.arch in IMAGENET_ARCHS:
+        return imagenet_backbone(args.arch, data.num_classes).to(device)
     return cifar_resnet(args.arch, data.num_classes).to(device)
 
 
@@ -133,16 +154,22 @@ def count_params(module):
 
 # Official InfoPro split tables (networks/configs.py), written as the global layer index after which
 # each cut falls (0 = stem, block b of stage s = 1 + (s-1)*n + b).
-INFOPRO_CUTS = {
+# ImageNet: InfoPro*'s single cut inside layer2 (after block 0 / 5 / 2; layer1 has 3 blocks) and
+# DGL's VGG-13 grouping of 3 convs per module (--block_size 3, the leftover conv its own module).
+IMAGENET_CUTS = {"resnet101": {2: [4]}, "resnet152": {2: [9]}, "resnext101_32x8d": {2: [6]}}
+OFFICIAL_CUTS = {
     "resnet32": {2: [7], 3: [5, 10], 4: [3, 7, 11], 8: [1, 3, 5, 7, 9, 11, 13], 16: list(range(15))},
     "resnet110": {2: [27], 3: [18, 36], 4: [12, 26, 40], 8: [5, 12, 19, 26, 33, 40, 47],
                   16: [2, 5, 8, 11, 14, 17, 20, 23, 26, 30, 34, 38, 42, 46, 50]},
+    "vgg13_bn": {4: [2, 5, 8]},
+    **IMAGENET_CUTS,
 }
-# InfoPro* memory-balanced tables (ResNet-110 only), per input resolution: 32 px (CIFAR-10 table,
-# also used for the other 32 px datasets) and 96 px (STL-10 table).
-INFOPRO_BALANCED_CUTS = {
+# InfoPro* memory-balanced tables: ResNet-110 per input resolution, 32 px (the CIFAR-10 table, also
+# used for the other 32 px datasets) and 96 px (the STL-10 table); the ImageNet cuts at any size.
+BALANCED_CUTS = {
     ("resnet110", 32): {2: [15], 3: [10, 21], 4: [7, 15, 27]},
     ("resnet110", 96): {2: [15], 3: [9, 20], 4: [7, 15, 27]},
+    **{(arch, None): table for arch, table in IMAGENET_CUTS.items()},
 }
 SPLITS = ("official", "even", "balanced")
 
@@ -167,20 +194,21 @@ def even_cuts(weights, k):
 
 
 def split_modules(arch, n_layers, k, split="official", image_size=32, activation_sizes=None):
-    """List of K lists of layer indices. `official`: the InfoPro tables where they exist, one layer
-    per module when K equals the number of layers, else an even split by layer count. `balanced`:
-    the InfoPro* tables where they exist, else cuts at equal activation size. `even`: by layer count."""
+    """List of K lists of layer indices. `official`: the papers' tables where they exist (InfoPro
+    for ResNet-32/110, InfoPro* and DGL on ImageNet), one layer per module when K equals the number
+    of layers, else an even split by layer count. `balanced`: the InfoPro* tables where they exist,
+    else cuts at equal activation size. `even`: by layer count."""
     if not isinstance(k, int) or not 1 <= k <= n_layers:
         die(f"--k {k} is not valid for {arch}: choose K from 1 to {n_layers} (the number of layers)")
     if split not in SPLITS:
         die(f"unknown --split {split!r}: choose one of {', '.join(SPLITS)}")
     if split == "balanced":
-        table = INFOPRO_BALANCED_CUTS.get((arch, image_size), {})
+        table = BALANCED_CUTS.get((arch, image_size)) or BALANCED_CUTS.get((arch, None), {})
         if k in table:
             return modules_from_cuts(table[k], n_layers)
         return modules_from_cuts(even_cuts(activation_sizes, k), n_layers)
-    if split == "official" and k in INFOPRO_CUTS.get(arch, {}):
-        return modules_from_cuts(INFOPRO_CUTS[arch][k], n_layers)
+    if split == "official" and k in OFFICIAL_CUTS.get(arch, {}):
+        return modules_from_cuts(OFFICIAL_CUTS[arch][k], n_layers)
     return modules_from_cuts(even_cuts([1] * n_layers, k), n_layers)
 
 
@@ -211,6 +239,7 @@ class DatasetSpec:
     flip: bool
     epochs: int = 0     # 0: the method's paper default
     warmup_epochs: int = 10
+    cosine_from_zero: bool = False  # ImageNet codes: lr0 at the first epoch, cos(pi * (epoch - 1) / E)
 
 
 DATASETS = {
@@ -220,6 +249,9 @@ DATASETS = {
     "stl10": DatasetSpec(10, 96, 128, 0.1, HALF, HALF, 4, "constant", True),
     # In-memory, for the tests and the offline quick start: short schedule, small batches.
     "synthetic": DatasetSpec(10, 32, 64, 0.05, HALF, HALF, 2, "constant", False, epochs=6, warmup_epochs=1),
+    # InfoPro / AugLocal ImageNet: global batch 1024, lr 0.4, cosine without warm-up.
+    "imagenet": DatasetSpec(1000, 224, 1024, 0.4, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, "constant",
+                            True, warmup_epochs=0, cosine_from_zero=True),
 }
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2048, 1024
 
@@ -317,11 +349,11 @@ class Data:
 
     def __init__(self, name, train, test, device, channels_last=False, augment=True):
         self.name, self.spec = name, DATASETS[name]
-        self.num_classes, self.image_size = self.spec.num_classes, self.spec.image_size
         as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
         self.train_x, self.train_y, self.test_x, self.test_y = (
             as_tensor(a).to(device) for a in (*train, *test))
         self.train_y, self.test_y = self.train_y.long(), self.test_y.long()
+        self.num_classes, self.image_size = self.spec.num_classes, self.train_x.shape[-1]
         self.mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
         self.device = device
@@ -352,7 +384,10 @@ class Data:
         order = torch.randperm(len(self.train_y), device=self.device, generator=shuffle)
         aug = torch.Generator(device=self.device).manual_seed((seed * 100003 + epoch) * 1009 + rank + 1)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size][rank::world]
+            idx = order[start:start + batch_size]
+            if len(idx) < 2 * world:  # BatchNorm needs 2+ samples on every rank: drop a tiny last batch
+                break
+            idx = idx[rank::world]
             x = self.augment(self.train_x[idx], aug) if self.augment_train else self.normalize(self.train_x[idx])
             yield x.contiguous(memory_format=self.memory_format), self.train_y[idx]
 
@@ -366,15 +401,62 @@ class Data:
         return sum(t.numel() * t.element_size() for t in (self.train_x, self.train_y, self.test_x, self.test_y))
 
 
+class ImageFolderData:
+    """ImageNet from `DIR/train` and `DIR/val` (ImageFolder layout), read by DataLoader workers:
+    RandomResizedCrop + flip for training, Resize (256/224 of the crop) + CenterCrop for testing.
+    Each rank reads its shard through a DistributedSampler; the same interface as `Data`."""
+
+    def __init__(self, args, device):
+        import torchvision.datasets as datasets
+        import torchvision.transforms as T
+        spec, size = DATASETS["imagenet"], args.image_size
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(args.data_dir, split)):
+                die(f"imagenet needs {os.path.join(os.path.abspath(args.data_dir), split)} in ImageFolder layout "
+                    f"(one folder of images per class); pass --data-dir, or run offline with --dataset synthetic")
+        norm = T.Normalize(spec.mean, spec.std)
+        self.train_set = datasets.ImageFolder(os.path.join(args.data_dir, "train"), T.Compose(
+            [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+        self.test_set = datasets.ImageFolder(os.path.join(args.data_dir, "val"), T.Compose(
+            [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm]))
+        self.name, self.spec, self.image_size = "imagenet", spec, size
+        self.num_classes = len(self.train_set.classes)
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.device, self.workers, self.resident_bytes = device, args.workers, 0
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def _batches(self, dataset, sampler, batch_size, seed):
+        if self.workers == 0:  # the transforms then draw from this process's RNG: make it repeatable
+            torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
+        sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)  # every rank has the same number of batches (the sampler pads)
+        return self._batches(self.train_set, sampler, batch_size // world, (seed * 100003 + epoch) * 1009 + rank)
+
+    def test_batches(self, batch_size, rank=0, world=1):
+        shard = list(range(rank, len(self.test_set), world))
+        return self._batches(self.test_set, shard, batch_size // world, seed=0)
+
+
 def load_data(args, device):
-    if args.dataset not in DATASETS:
-        die(f"unknown --dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if args.dataset == "imagenet" and not args.fake_data:
+        return ImageFolderData(args, device)
     if args.dataset == "synthetic":
         train = synthetic_images(SYNTHETIC_TRAIN, seed=1)
         test = synthetic_images(SYNTHETIC_TEST, seed=2)
     elif args.fake_data:
-        train, test = (fake_images(DATASETS[args.dataset], n, seed) for n, seed in ((8 * args.batch_size, 1),
-                                                                                   (args.batch_size, 2)))
+        spec = DATASETS[args.dataset]
+        if args.dataset == "imagenet":
+            spec = dataclasses.replace(spec, image_size=args.image_size)
+        train, test = (fake_images(spec, n, seed) for n, seed in ((8 * args.batch_size, 1), (args.batch_size, 2)))
     else:
         train, test = read_raw_dataset(args.dataset, args.data_dir)
     if args.subset:
@@ -387,12 +469,13 @@ def load_data(args, device):
 # ----------------------------------------------------------------------------------------------
 
 # Arguments that may change when a run is resumed; every other one must match the run's args.json.
-RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps"}
+RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers"}
 
 
-def parse_args(argv, doc, method, k, epochs, add_method_args=None):
+def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None):
     """The shared command line. Dataset-dependent defaults (batch, lr, schedule) are filled in
-    after parsing; `k` and `epochs` are the method's paper defaults."""
+    after parsing; `k` and `epochs` are the method's paper defaults, and `imagenet` its ImageNet
+    `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
@@ -411,6 +494,8 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None):
     p.add_argument("--out", default=None, help="output folder; default runs/<method>-<dataset>-<arch>-k<K>")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
+    p.add_argument("--image-size", type=int, default=224, help="ImageNet training crop (smaller for quick runs)")
     p.add_argument("--subset", type=int, default=None, metavar="N",
                    help="use only the first N training and N test images (quick checks)")
     p.add_argument("--fake-data", action="store_true",
@@ -428,13 +513,17 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None):
         die(f"unknown --dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}")
     if args.arch not in ARCHS:
         die(f"unknown --arch {args.arch!r}: choose one of {', '.join(ARCHS)}")
+    if args.dataset == "imagenet" and args.arch not in IMAGENET_ARCHS:
+        die(f"--arch {args.arch} is a CIFAR network; for imagenet choose one of {', '.join(IMAGENET_ARCHS)}")
     spec = DATASETS[args.dataset]
+    if args.dataset == "imagenet":
+        spec = dataclasses.replace(spec, **{"epochs": 90, **(imagenet or {})})
     args.epochs = args.epochs or spec.epochs or epochs
     args.batch_size = args.batch_size or spec.batch_size
     args.lr = spec.lr if args.lr is None else args.lr
     args.warmup_epochs = spec.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}-{args.arch}-k{args.k}")
-    for name in ("epochs", "batch_size", "steps", "subset"):
+    for name in ("epochs", "batch_size", "steps", "subset", "image_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             die(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -444,7 +533,8 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None):
 def lr_at(epoch, args):
     """The official per-epoch schedule (epoch counts from 1): cosine from lr0 to 0, blended during
     the first W epochs with a linear warm-up from 0.01 (InfoPro/AugLocal `--cos_lr`)."""
-    cosine = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    offset = 1 if DATASETS[args.dataset].cosine_from_zero else 0
+    cosine = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - offset) / args.epochs))
     w = args.warmup_epochs
     if epoch <= w:
         return cosine * (epoch - 1) / w + 0.01 * (w + 1 - epoch) / w
@@ -556,6 +646,8 @@ class Run:
                         f"resume with the same arguments or choose another --out")
         elif os.path.exists(saved):
             die(f"{args.out} already holds a run; pass --resume to continue it or --out to start another")
+        if self.world > 1:
+            dist.barrier()  # every rank has checked the folder before rank 0 writes to it
         if self.main:
             os.makedirs(args.out, exist_ok=True)
             atomic_write_text(saved, json.dumps(vars(args), indent=2) + "\n")
@@ -668,19 +760,18 @@ class Run:
             self._t0 = time.perf_counter()
 
     # -- end of epoch and end of run --------------------------------------------------------------
-    def end_epoch(self, epoch, lr, train, test_acc, model, opt):
+    def end_epoch(self, epoch, lr, train, test, model, opt):
         """Log the epoch; checkpoint it unless --steps cut it short (a checkpoint is always a
         whole number of epochs, so resuming continues exactly)."""
-        self.acc, self.best_acc = test_acc, max(self.best_acc, test_acc)
-        line = {"epoch": epoch, "lr": lr, **train, "test_acc": test_acc, "best_test_acc": self.best_acc,
-                "steps": self.steps}
+        self.acc, self.best_acc = test["test_acc"], max(self.best_acc, test["test_acc"])
+        line = {"epoch": epoch, "lr": lr, **train, **test, "best_test_acc": self.best_acc, "steps": self.steps}
         if self.main:
             print(json.dumps(line), flush=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             if not self.interrupted:
                 ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "steps": self.steps, "best_test_acc": self.best_acc, "test_acc": test_acc}
+                        "steps": self.steps, "best_test_acc": self.best_acc, "test_acc": self.acc}
                 atomic_save(ckpt, self.ckpt_path)
 
     def finish(self, model, modules):
@@ -766,14 +857,15 @@ def train_epoch(run, args, data, model, opt, epoch, train_step):
 
 @torch.no_grad()
 def evaluate(run, args, data, model, predict):
-    """Top-1 accuracy of `predict` (the backbone and its head, unless the method's inference
-    network has more) on the test split, sharded over ranks."""
+    """Top-1 (and top-5) accuracy of `predict` (the backbone and its head, unless the method's
+    inference network has more) on the test split, sharded over ranks."""
     model.eval()
-    correct = torch.zeros(2, device=run.device)
+    counts = torch.zeros(3, device=run.device)  # top-1 right, top-5 right, seen
     for x, y in data.test_batches(args.batch_size, run.rank, run.world):
         with autocast(args, run.device):
             logits = predict(x)
-        correct += torch.stack([(logits.argmax(1) == y).sum().float(),
-                                torch.tensor(float(len(y)), device=run.device)])
-    right, seen = run.all_sum(correct).tolist()
-    return right / seen
+        top5 = (logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]).any(1)
+        counts += torch.stack([(logits.argmax(1) == y).sum().float(), top5.sum().float(),
+                               torch.tensor(float(len(y)), device=run.device)])
+    top1, top5, seen = run.all_sum(counts).tolist()
+    return {"test_acc": top1 / seen, "test_top5": top5 / seen}

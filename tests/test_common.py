@@ -97,7 +97,7 @@ def test_he_init(common):
 
 def test_lr_schedule_matches_the_official_values(common):
     class A:
-        lr, epochs, warmup_epochs = 0.8, 160, 10
+        lr, epochs, warmup_epochs, dataset = 0.8, 160, 10, "cifar10"
     expected = {1: 0.01, 2: 0.0890, 5: 0.3252, 10: 0.7141, 11: 0.7907, 80: 0.4, 120: 0.1172, 160: 0.0}
     for epoch, lr in expected.items():
         assert common.lr_at(epoch, A) == pytest.approx(lr, abs=1e-4)
