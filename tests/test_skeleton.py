@@ -1,0 +1,37 @@
+"""`diff dgl.py <method>.py` shows the method and nothing else: outside the docstring, the imports
+and the METHOD section, every script is dgl.py line for line, but for the method's defaults (the
+parse_args call) and the few main lines a method's inference network changes (ContSup's context)."""
+import os
+import re
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = [s for s in ("bp", "infopro", "auglocal", "contsup", "mlaan") if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
+ALLOWED = [r"^\s+args = common\.parse_args\(", r"^\s+imagenet=dict\(", r"^import |^from "]
+ALLOWED_FOR = {"contsup": [r"context", r"model = nn\.ModuleDict\(", r"common\.evaluate\("]}  # its encoders infer too
+
+
+def skeleton(name):
+    text = open(os.path.join(ROOT, f"{name}.py")).read()
+    text = re.sub(r'\A""".*?"""\n', "", text, flags=re.S)  # the docstring
+    text = re.sub(r"# =+ METHOD.*?# =+ END METHOD =+\n", "", text, flags=re.S)
+    return text.splitlines()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_differs_from_dgl_only_in_the_method(name):
+    import difflib
+    allowed = ALLOWED + ALLOWED_FOR.get(name, [])
+    diff = [l for l in difflib.unified_diff(skeleton("dgl"), skeleton(name), lineterm="", n=0)
+            if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+    stray = [l for l in diff if l[1:].strip() and not any(re.search(p, l[1:]) for p in allowed)]
+    assert not stray, f"{name}.py differs from dgl.py outside the method:\n" + "\n".join(stray)
+
+
+@pytest.mark.parametrize("name", ["dgl", *SCRIPTS])
+def test_script_has_marked_method_section_and_main(name):
+    text = open(os.path.join(ROOT, f"{name}.py")).read()
+    assert text.startswith('"""') and re.search(r"# =+ METHOD: ", text) and "# ===" in text
+    assert 'if __name__ == "__main__":\n    main()' in text
