@@ -207,8 +207,6 @@ def test_bad_input_is_one_clear_line(tmp_path):
         run_script("infopro", tmp_path / "c", "--lambdas", "1", "2", "3", "-1", "--subset", "64")
 
 
-@pytest.mark.xfail(reason="open (issue 3): with the published K=4 lambdas InfoPro stays near chance on the "
-                   "synthetic set in this budget; not yet explained", strict=False)
 def test_every_loss_falls_when_fitting_one_batch():
     """Learning, cheaply: on one fixed batch every module's reconstruction and SupCon losses and the
     final CE fall within a few steps. (An end-to-end run on the synthetic set needs the quick start's
