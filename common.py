@@ -270,7 +270,7 @@ def synthetic_images(n, seed, size=32, num_classes=10):
     wave = torch.cos(freq.view(n, 1, 1) * (i * angle.cos().view(n, 1, 1) + j * angle.sin().view(n, 1, 1))
                      + phase.view(n, 1, 1))
     colour = torch.rand(n, 3, 1, 1, generator=g) * 0.6 + 0.2
-    contrast = torch.rand(n, 1, 1, 1, generator=g) * 0.25 + 0.05
+    contrast = torch.rand(n, 1, 1, 1, generator=g) * 0.3 + 0.2  # fainter gratings stall heads that pool globally
     img = 0.5 + contrast * colour * wave.unsqueeze(1) + 0.2 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 

@@ -13,6 +13,7 @@ node i are trained only by module i+1's loss, and they are part of the inference
     python contsup.py --dataset synthetic --arch resnet32 --k 4       # CPU; see README for time and accuracy
     python contsup.py --dataset cifar10 --arch resnet32 --k 16 --context R1E --loss ce --out runs/contsup-r1e-ce
     python contsup.py --dataset svhn --arch resnet110 --k 8 --context R1E --reconstruct
+    torchrun --nproc_per_node=8 contsup.py --dataset imagenet --data-dir DIR --arch resnet101 --k 2 --split balanced --context R1
     torchrun --nproc_per_node=2 contsup.py --dataset cifar10 --arch resnet32 --k 8
 
 --context, with in_0 = x: R0 no context (plain greedy local learning) | E: + E_i(x) | R1: + R_i(in_i),
@@ -37,7 +38,14 @@ Differences from the official code (Tab-ct/ContSup):
   value is --lambdas 5 0 0.5 1. --reconstruct and --lambdas replace `--h_reconstruct` (a `type=bool`
   flag that reads "False" as true).
 - The context is summed out of place (the official code adds it in place into the detached output).
-- No ImageNet: neither the paper nor the code has one, and the 1c2f head is CIFAR-only.
+- ImageNet is a generalisation: neither the paper nor the code has one. The local losses use
+  InfoPro's ImageNet aux nets (head: conv1x1 C->128, conv3x3 s2 128->256, conv3x3 s2 256->512,
+  conv1x1 512->2048, each BN-ReLU, global pool, Linear; decoder: conv1x1 C->128, then bilinear
+  upsampling to I/4, I/2 and I with conv3x3 128->32, 32->12 (BN-ReLU) and 12->3) and --loss defaults
+  to ce (InfoPro's ImageNet loss). E's two 3x3 convs take stride 2 each, so they run at 1/2 and 1/4
+  of the image size (the resolution of the ImageNet stem's output) rather than at 224 x 224; then
+  average pooling to the node's size, as on CIFAR. Rn is unchanged (1x1 conv at the source's size,
+  then pooling). --reconstruct needs --lambdas (there is no table).
 - The shared protocol (DESIGN.md) for data, schedule and outputs; the head is fixed at `1c2f`, width
   1, 128 features, no dropout; no nn.DataParallel. --split balanced uses common.py's splits, which for
   ResNet-32 are not ContSup's table.
@@ -99,6 +107,37 @@ def supcon_loss(features, y, temperature=0.07):
         return -((log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)).mean()
 
 
+def conv_bn_relu(cin, cout, kernel, stride=1, bias=False):
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def imagenet_head(channels, out):
+    """InfoPro's ImageNet aux head (no conv bias): conv1x1 (C -> 128), conv3x3 s2 (128 -> 256), conv3x3
+    s2 (256 -> 512), conv1x1 (512 -> 2048), each BN-ReLU, global average pool, Linear(2048, out)."""
+    return nn.Sequential(*conv_bn_relu(channels, 128, 1), *conv_bn_relu(128, 256, 3, 2), *conv_bn_relu(256, 512, 3, 2),
+                         *conv_bn_relu(512, 2048, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, out))
+
+
+class ImageNetDecoder(nn.Module):
+    """InfoPro's ImageNet decoder: conv1x1 (C -> 128)-BN-ReLU, bilinear upsampling (align_corners) to
+    I/4, conv3x3 (128 -> 32)-BN-ReLU, to I/2, conv3x3 (32 -> 12)-BN-ReLU, to I, conv3x3 (12 -> 3),
+    sigmoid (all convs with bias)."""
+
+    def __init__(self, channels, image_size):
+        super().__init__()
+        self.sizes = (image_size // 4, image_size // 2, image_size)
+        self.stages = nn.ModuleList([nn.Sequential(*conv_bn_relu(channels, 128, 1, bias=True)),
+                                     nn.Sequential(*conv_bn_relu(128, 32, 3, bias=True)),
+                                     nn.Sequential(*conv_bn_relu(32, 12, 3, bias=True)),
+                                     nn.Sequential(nn.Conv2d(12, 3, 3, 1, 1), nn.Sigmoid())])
+
+    def forward(self, h):
+        h = self.stages[0](h)
+        for size, stage in zip(self.sizes, self.stages[1:]):
+            h = stage(F.interpolate(h, size=(size, size), mode="bilinear", align_corners=True))
+        return h
+
+
 class Decoder(nn.Module):
     """InfoPro's reconstruction net: bilinear upsample to the image size (align_corners), conv3x3
     (C -> 12, bias)-BN-ReLU-conv3x3 (12 -> 3, bias)-sigmoid."""
@@ -117,11 +156,11 @@ class LocalLoss(nn.Module):
     """The local objective of one module on its raw output h (before any context is added): the
     head's SupCon or CE loss, or with a decoder lam1 * BCE(decoder(h), image in [0, 1]) + lam2 * that."""
 
-    def __init__(self, channels, args, data, weights=None):
+    def __init__(self, channels, loss, imagenet, data, weights=None):
         super().__init__()
-        self.loss = args.loss
-        self.head = aux_head(channels, 128 if args.loss == "contrast" else data.num_classes)
-        self.decoder = None if weights is None else Decoder(channels, data.image_size)
+        self.loss = loss
+        self.head = (imagenet_head if imagenet else aux_head)(channels, 128 if loss == "contrast" else data.num_classes)
+        self.decoder = None if weights is None else (ImageNetDecoder if imagenet else Decoder)(channels, data.image_size)
         self.weights = weights
         self.register_buffer("mean", data.mean.clone(), persistent=False)  # to undo the normalisation
         self.register_buffer("std", data.std.clone(), persistent=False)
@@ -138,11 +177,10 @@ class LocalLoss(nn.Module):
         return self.weights[0] * bce + self.weights[1] * task
 
 
-def image_encoder(channels, size, hidden=12):
-    """E: conv3x3 (3 -> 12, bias)-BN-ReLU-conv3x3 (12 -> C, bias)-BN-ReLU at full image resolution,
-    then average-pool to the target size."""
-    return nn.Sequential(nn.Conv2d(3, hidden, 3, 1, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden, channels, 3, 1, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+def image_encoder(channels, size, stride=1, hidden=12):
+    """E: conv3x3 (3 -> 12, bias)-BN-ReLU-conv3x3 (12 -> C, bias)-BN-ReLU at full image resolution
+    (stride 2 each on ImageNet), then average-pool to the target size."""
+    return nn.Sequential(*conv_bn_relu(3, hidden, 3, stride, bias=True), *conv_bn_relu(hidden, channels, 3, stride, bias=True),
                          nn.AdaptiveAvgPool2d(size))
 
 
@@ -176,13 +214,13 @@ class ContextSupply(nn.Module):
     are the most recent module inputs (context included), newest first; x is in_0, except in R1E,
     where the image reaches the next module through E only. Only encoders that are used are built."""
 
-    def __init__(self, mode, image_shape, split_shapes):
+    def __init__(self, mode, image_shape, split_shapes, image_stride=1):
         super().__init__()
         self.use_image, self.depth = CONTEXT_MODES[mode]
         source_shapes = [] if self.use_image else [image_shape]  # R sources before node 0 (newest first)
         nodes = []
         for c, size, _ in split_shapes:
-            image = image_encoder(c, size) if self.use_image else None
+            image = image_encoder(c, size, image_stride) if self.use_image else None
             nodes.append(ContextNode(image, [input_encoder(s[0], c, size) for s in source_shapes[:self.depth]]))
             source_shapes.insert(0, (c, size, size))
         self.nodes = nn.ModuleList(nodes)
@@ -204,8 +242,8 @@ class ContextSupply(nn.Module):
 
 def method_args(parser):
     parser.add_argument("--context", default="E", help=f"context mode: {' | '.join(CONTEXT_MODES)} (default E)")
-    parser.add_argument("--loss", default="contrast", help="local loss of the aux heads: contrast (SupCon, "
-                        "tau 0.07) | ce (cross-entropy)")
+    parser.add_argument("--loss", default=None, help="local loss of the aux heads: contrast (SupCon, tau 0.07; "
+                        "the default) | ce (cross-entropy; the default on ImageNet)")
     parser.add_argument("--reconstruct", action="store_true",
                         help="add InfoPro's decoder term: lam1 * BCE + lam2 * aux loss (official --h_reconstruct)")
     parser.add_argument("--lambdas", type=float, nargs=4, default=None, metavar=("IXX_1", "IXY_1", "IXX_2", "IXY_2"),
@@ -230,25 +268,23 @@ def loss_weights(args, k):
 def build_aux(args, net, modules, data):
     """A ModuleDict: "local", the loss nets of modules 1..K-1 (training only), and "context", the
     context encoders (part of the inference network)."""
-    k = len(modules)
-    if args.arch not in common.CIFAR_DEPTHS:
-        common.die(f"contsup.py is ContSup's CIFAR code (ResNet-32/110 on cifar10, cifar100, svhn, stl10 or "
-                   f"synthetic); the official code has no ImageNet version, so --arch {args.arch} is not supported")
+    k, imagenet = len(modules), args.arch in common.IMAGENET_ARCHS
+    loss = args.loss or ("ce" if imagenet else "contrast")
     if args.context not in CONTEXT_MODES:
         common.die(f"unknown --context {args.context!r}: choose one of {', '.join(CONTEXT_MODES)}")
     depth = CONTEXT_MODES[args.context][1]
     if depth >= 2 and k < max(depth, 4):
         common.die(f"--context {args.context} needs --k {max(depth, 4)} or more (the official code allows "
                    f"R2 and R4 from K=4, R8 from K=8, R16 at K=16); use more modules or a smaller Rn")
-    if args.loss not in LOSSES:
-        common.die(f"unknown --loss {args.loss!r}: choose contrast or ce")
+    if loss not in LOSSES:
+        common.die(f"unknown --loss {loss!r}: choose contrast or ce")
     if args.lambdas is not None and not args.reconstruct:
         common.die("--lambdas weights the decoder term; add --reconstruct or drop --lambdas")
     shapes = common.layer_shapes(net, data.image_size)
     split_shapes = [shapes[m[-1]] for m in modules[:-1]]  # (C, S, S) of each module's output but the last
     weights = loss_weights(args, k) if args.reconstruct and k > 1 else [None] * (k - 1)
-    local = nn.ModuleList(LocalLoss(c, args, data, w) for (c, _, _), w in zip(split_shapes, weights))
-    context = ContextSupply(args.context, (3, data.image_size, data.image_size), split_shapes)
+    local = nn.ModuleList(LocalLoss(c, loss, imagenet, data, w) for (c, _, _), w in zip(split_shapes, weights))
+    context = ContextSupply(args.context, (3, data.image_size, data.image_size), split_shapes, 2 if imagenet else 1)
     return common.init_weights(nn.ModuleDict({"local": local, "context": context}))
 
 

@@ -55,10 +55,20 @@ Differences from the official code (Wendy231015/MLAAN):
   code builds 825 to 2,970 unused ones). Leap copies start from the backbone's initial weights, as
   in the CIFAR code. BCE is computed from the decoder's logits (the same value, autocast-safe).
 - Splits, schedule and data follow the shared protocol (DESIGN.md), the official recipe: 400 epochs.
-- ImageNet runs the chosen base with the general leap rule and the official recipe's batch 128, lr
-  0.05 and 150 epochs (cosine, no warm-up). The official ImageNet model (windows of 3 with its own
-  heads, re-initialised leap copies, a 0.001/0.999 mix in the final loss, its ResNet-34/101 leap
-  tables) is not reproduced, and --base infopro is for the CIFAR ResNets only.
+- ImageNet (the ResNets of common.py): the official ImageNet model (ImageNet/networks/resnet34.py,
+  resnet101.py). Windows of 3 modules whatever the base; --base plain uses its heads (auxnet34.py /
+  auxnet101.py: a 64- or 128-channel map gets conv1x1 (C -> 2C)-BN-ReLU-conv1x1 (2C -> C)-BN-ReLU
+  before global pool + Linear, wider maps only global pool + Linear; conv biases off, an assumption;
+  the cascaded head is global pool + Linear), --base dgl the auxDGL heads (a generalisation), and
+  --base infopro is refused (the official ImageNet code parses its flags but never uses them). The
+  last window's loss is 0.001 * CE(head(module K-1 on its own detached input)) + 0.999 * CE(head(
+  window)), as there. Leap paths: the official tables for ResNet-34 code K=16 and ResNet-101 code K=33
+  (one block per module, the stem merged into module 0: our --k 16 / --k 33, or 17 / 34 with the stem
+  alone), the general rule otherwise; leap and EMA copies are freshly initialised (torchvision's
+  kaiming fan-out init), as the official ImageNet code re-initialises them. That code updates the last
+  window's EMA copy twice per step (after its window and again after the final backward); here every
+  copy is updated once. Defaults: the official recipe's batch 128, lr 0.05, 150 epochs (cosine, no
+  warm-up); the README's ResNet-101 example uses --batch-size 64 per GPU.
 """
 import functools
 import math
@@ -80,8 +90,10 @@ FEATURE_DIM = 128                # auxDGL conv width, InfoPro's SupCon embedding
 TEMPERATURE = 0.07               # SupCon temperature (= base temperature)
 HEAD_1C2F = {16: (32, 2), 32: (64, 2), 64: (64, 1)}  # InfoPro 1c2f head: channels -> (conv width, stride)
 
-# The official leap tables (configAuxPlus_new.py) on the official splits (config2.py), per code K:
-# the last block of every module, and the leap path of every module but the last ("stage.block").
+STAGE_BLOCKS = {"resnet32": (5, 5, 5), "resnet110": (18, 18, 18), "resnet34": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+# The official leap tables (CIFAR configAuxPlus_new.py on the config2.py splits, ImageNet configs.py),
+# per code K: the last block of every module, and the leap path of every module but the last
+# ("stage.block").
 OFFICIAL_LEAPS = {
     "resnet32": {
         8: ("1.0 1.2 1.4 2.1 2.3 3.0 3.2 3.4",
@@ -99,13 +111,17 @@ OFFICIAL_LEAPS = {
              ["2.0 3.0 3.2 3.17"] * 18 + ["3.0 3.2 3.3 3.17"] * 17 + ["3.0 3.3 3.4 3.17"] + ["3.8 3.17"] * 7
              + ["3.14 3.17"] * 4 + ["3.15 3.17"] * 2 + ["3.16 3.17"] * 3 + ["3.17"]),
     },
+    "resnet34": {16: ("every block", ["2.0 2.1 3.0 4.0 4.2"] * 3 + ["2.1 3.0 4.0 4.2"] * 4 + ["3.1 4.0 4.1"] * 6
+                      + ["4.1 4.1 4.2", "4.1 4.2"])},
+    "resnet101": {33: ("every block", ["2.0 3.0 4.0 4.2"] * 3 + ["3.0 4.0 4.1"] * 4 + ["4.0 4.1"] * 23
+                       + ["4.1 4.2"] * 2)},
 }
 
 
-def layer_of(block, n):
-    """Layer index of block "s.b" (stage s from 1, block b from 0) with n blocks per stage."""
+def layer_of(block, stage_blocks):
+    """Layer index of block "s.b" (stage s from 1, block b from 0), given the blocks per stage."""
     stage, b = map(int, block.split("."))
-    return 1 + (stage - 1) * n + b
+    return 1 + sum(stage_blocks[:stage - 1]) + b
 
 
 def stages(shapes):
@@ -133,9 +149,9 @@ def leap_paths(arch, modules, shapes):
     """The layers of every module's leap path and where they come from. Empty for the last module
     and for a stem-alone module 0: no window ends there."""
     ends = [m[-1] for m in modules]
-    n = common.CIFAR_DEPTHS.get(arch)
+    n = STAGE_BLOCKS.get(arch)
     for code_k, (blocks, table) in OFFICIAL_LEAPS.get(arch, {}).items():
-        split = list(range(1, 3 * n + 1)) if blocks == "every block" else [layer_of(b, n) for b in blocks.split()]
+        split = list(range(1, sum(n) + 1)) if blocks == "every block" else [layer_of(b, n) for b in blocks.split()]
         if ends in (split, [0] + split):  # the code's split, or the same with the stem as module 0
             by_end = {e: [layer_of(b, n) for b in path.split()] for e, path in zip(split, table)}
             return [by_end.get(e, []) for e in ends], f"the official table (code K={code_k})"
@@ -152,6 +168,21 @@ class LinearHead(nn.Module):
 
     def forward(self, h, x, y):
         return F.cross_entropy(self.fc(h.mean((2, 3))), y)
+
+
+class ImageNetHead(nn.Module):
+    """The official ImageNet independent heads (auxnet34.py / auxnet101.py): on a 64- or 128-channel
+    map conv1x1 (C -> 2C)-BN-ReLU-conv1x1 (2C -> C)-BN-ReLU first, then global pool, Linear; CE."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.convs = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+                                     for a, b in ((channels, 2 * channels), (2 * channels, channels))
+                                     ]) if channels in (64, 128) else nn.Identity()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, h, x, y):
+        return F.cross_entropy(self.fc(self.convs(h).mean((2, 3))), y)
 
 
 class DGLHead(nn.Module):
@@ -252,12 +283,27 @@ def method_args(parser):
                         help="--base infopro: IXX_1 IXY_1 IXX_2 IXY_2 (default: the MLAAN README's 5 0.5 0 0)")
 
 
+def fresh_copy(layer):
+    """A copy of a backbone layer with torchvision's ResNet init drawn anew (the ImageNet code)."""
+    layer = copy.deepcopy(layer)
+    for m in layer.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+    return layer
+
+
 def build_aux(args, net, modules, data):
     """One Window per module i = c-1..K-2 (c = modules per window): its heads, leap path and EMA copy."""
-    c, k = BASES[args.base], len(modules)
+    imagenet = args.arch in common.IMAGENET_ARCHS
+    c, k = 3 if imagenet else BASES[args.base], len(modules)
+    if imagenet and args.base == "infopro":
+        common.die(f"--base infopro is for the CIFAR ResNets (InfoPro's CIFAR heads); on {args.arch} use "
+                   f"--base plain (the official ImageNet model) or dgl")
     if k < c + 1:
-        common.die(f"--base {args.base} cascades {c} modules per window, so --k must be at least {c + 1} "
-                   f"(got {k}); MLAAN's default is 16")
+        common.die(f"--base {args.base} cascades {c} modules per window{' on ImageNet' if imagenet else ''}, so --k "
+                   f"must be at least {c + 1} (got {k}); MLAAN's default is 16")
     if len(args.lambdas) != 4 or min(args.lambdas) < 0:
         common.die(f"--lambdas takes 4 weights >= 0 (IXX_1 IXY_1 IXX_2 IXY_2), got {args.lambdas}")
     shapes = common.layer_shapes(net, data.image_size)
@@ -269,18 +315,23 @@ def build_aux(args, net, modules, data):
     windows = []
     for i in range(c - 1, k - 1):
         path, channels = paths[i], shapes[modules[i][-1]][0]
+        leap_channels = shapes[path[-1]][0]
         if args.base == "plain":
-            own, cascade = LinearHead(channels, data.num_classes), LinearHead(shapes[-1][0], data.num_classes)
+            own = (ImageNetHead if imagenet else LinearHead)(channels, data.num_classes)
+            cascade = LinearHead(leap_channels, data.num_classes)
         elif args.base == "dgl":
-            own, cascade = DGLHead(channels, data.num_classes), DGLHead(shapes[-1][0], data.num_classes)
+            own, cascade = DGLHead(channels, data.num_classes), DGLHead(leap_channels, data.num_classes)
         else:  # the official ratio: the stage (1..3) of module i's last block over K - 2
             ixx_1, ixy_1, ixx_2, ixy_2 = args.lambdas
             r = min(1.0, (stage[modules[i][-1]] + 1) / (k - 2))
             ixx, ixy = ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
             own = InfoProLoss(channels, data, True, ixx, ixy)
-            cascade = InfoProLoss(shapes[-1][0], data, False, ixx, ixy)
-        leap = [copy.deepcopy(net.layers[j]) for j in path]  # trainable, from the backbone's initial weights
-        windows.append(Window(common.init_weights(own), leap, copy.deepcopy(net.layers[path[0]]),
+            cascade = InfoProLoss(leap_channels, data, False, ixx, ixy)
+        # Trainable leap copies and the EMA copy: CIFAR copies the backbone's initial weights, ImageNet
+        # draws them anew.
+        clone = fresh_copy if imagenet else copy.deepcopy
+        leap = [clone(net.layers[j]) for j in path]
+        windows.append(Window(common.init_weights(own), leap, clone(net.layers[path[0]]),
                               common.init_weights(cascade), path[0]))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"mlaan: base {args.base}, {len(windows)} windows of {c} modules, EMA decay {args.ema_decay}, "
@@ -312,17 +363,22 @@ def window_step(net, modules, window, i, c, u, x, y):
 
 def train_step(net, modules, aux, args, x, y):
     """The windows in order, each back-propagated at once; the last window trains on the network's
-    head; then the EMA copies follow the backbone (its weights before this step's update)."""
-    c = BASES[args.base]
+    head (on ImageNet mixed 0.999 : 0.001 with module K-1 alone on its detached input, as the
+    official ImageNet code); then the EMA copies follow the backbone (its weights before the update)."""
+    c = len(modules) - len(aux)  # modules per window: the windows end at modules c-1..K-2
     u = x
     for i, window in enumerate(aux, start=c - 1):
         u = window_step(net, modules, window, i, c, u, x, y)
     h = u
-    for layers in modules[-c:]:
+    for layers in modules[-c:-1]:
         h = net.run(layers, h)
-    logits = net.head(h)
+    logits = net.head(net.run(modules[-1], h))
     loss = F.cross_entropy(logits, y)
-    loss.backward()
+    if args.arch in common.IMAGENET_ARCHS:
+        own = F.cross_entropy(net.head(net.run(modules[-1], h.detach())), y)
+        (W_CASCADE * loss + W_OWN * own).backward()
+    else:
+        loss.backward()
     update_ema(net, aux, args.ema_decay)
     return loss.detach(), logits.detach()
 

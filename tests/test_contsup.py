@@ -226,7 +226,6 @@ def test_loss_weights_follow_the_official_table():
     (["--loss", "softmax"], "unknown --loss 'softmax': choose contrast or ce"),
     (["--reconstruct"], "--reconstruct has no official loss weights for resnet32 on synthetic at --k 4; pass"),
     (["--lambdas", "1", "1", "0", "0"], "--lambdas weights the decoder term; add --reconstruct"),
-    (["--arch", "resnet18"], "contsup.py is ContSup's CIFAR code"),
 ])
 def test_invalid_options_give_clear_errors(extra, message):
     with pytest.raises(SystemExit, match="^error: " + message):
@@ -251,3 +250,41 @@ def test_memory_stays_local_with_context():
 def test_contsup_learns_on_synthetic(tmp_path):
     summary = run_script("contsup", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.4
+
+
+def imagenet_aux(arch, k, *flags, split="official"):
+    args = common.parse_args(["--dataset", "imagenet", "--arch", arch, "--k", str(k), "--split", split, "--out", "x",
+                              *flags], "", "contsup", 16, 160, add_method_args=contsup.method_args)
+    net = common.imagenet_backbone(arch, 1000)
+    data = type("Data", (), {"image_size": 224, "num_classes": 1000, "mean": torch.zeros(1, 3, 1, 1),
+                             "std": torch.ones(1, 3, 1, 1)})
+    modules = common.split_modules(arch, len(net.layers), k, split, 224, None)
+    return net, modules, contsup.build_aux(args, net, modules, data)
+
+
+def test_imagenet_generalisation():
+    """ImageNet (no official code): InfoPro's ImageNet head with CE by default, E's convs at stride 2
+    (1/4 of the image size, the stem's output size), Rn as on CIFAR."""
+    net, modules, aux = imagenet_aux("resnet101", 2, "--context", "R1E", split="balanced")
+    assert [m[-1] for m in modules[:-1]] == [4]  # InfoPro* K=2: the cut after block 0 of layer2 (512 x 28 x 28)
+    head = aux["local"][0].head
+    assert head[-1].out_features == 1000 and aux["local"][0].loss == "ce"  # CE: InfoPro's ImageNet loss
+    assert common.count_params(head) == (512 * 128 + 2 * 128 + 128 * 256 * 9 + 2 * 256 + 256 * 512 * 9 + 2 * 512
+                                         + 512 * 2048 + 2 * 2048 + 2048 * 1000 + 1000)
+    node = aux["context"].nodes[0]
+    convs = [m for m in node.image if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2)] and convs[-1].out_channels == 512
+    x = torch.randn(2, 3, 64, 64)
+    assert node.image(x).shape == (2, 512, 28, 28)  # pooled to the node's size
+    # R1E's node 0 has no R encoder (the image reaches it through E); E params: 3*12*9+12 + 2*12 + 12*512*9+512 + 2*512
+    assert common.count_params(aux["context"]) == 3 * 12 * 9 + 12 + 24 + 12 * 512 * 9 + 512 + 1024
+    _, _, aux = imagenet_aux("resnet18", 3, "--context", "R1", "--loss", "contrast", "--reconstruct",
+                             "--lambdas", "5", "1", "0", "0")
+    assert aux["local"][0].loss == "contrast" and aux["local"][0].head[-1].out_features == 128
+    assert isinstance(aux["local"][0].decoder, contsup.ImageNetDecoder)
+    assert all(node.image is None and len(node.recent) == 1 for node in aux["context"].nodes)
+
+
+def test_imagenet_reconstruct_needs_lambdas():
+    with pytest.raises(SystemExit, match=r"--reconstruct has no official loss weights for resnet18 on imagenet"):
+        imagenet_aux("resnet18", 3, "--reconstruct")

@@ -11,8 +11,7 @@ import torch
 import common
 from conftest import ROOT, read_json, read_jsonl, run_script
 
-# contsup.py has no ImageNet path yet (issue 7 is open for it): it stops with a one-line error.
-METHODS = [m for m in ("bp", "dgl", "infopro", "auglocal", "mlaan") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
+METHODS = [m for m in ("bp", "dgl", "infopro", "auglocal", "contsup", "mlaan") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_imagefolder_pipeline(tiny_imagenet):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_script_runs_on_imagenet(tmp_path, tiny_imagenet, method):
-    k = "1" if method == "bp" else "3"
+    k = {"bp": "1", "mlaan": "4"}.get(method, "3")  # MLAAN's ImageNet windows hold 3 modules
     summary = run_script(method, tmp_path / method, *imagenet_args(tiny_imagenet, "--arch", "resnet18", "--k", k,
                                                                    "--steps", "2"), quick=False)
     assert summary["steps"] == 2 and summary["dataset"] == "imagenet" and len(summary["modules"]) >= 1

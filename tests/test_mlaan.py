@@ -113,11 +113,12 @@ def test_every_leap_path_fits_its_module(arch):
                 assert all(inputs[b] == shapes[a] for a, b in zip(path, path[1:]))
 
 
-def reference_gradients(net, modules, aux, base, x, y):
-    """Every trainable parameter's gradient as specs/mlaan.md §1.3/§1.5 defines it, one loss at a
+def reference_gradients(net, modules, aux, base, x, y, imagenet=False):
+    """Every trainable parameter's gradient as specs/mlaan.md §1.3/§1.5/§1.6 defines it, one loss at a
     time from the detached activations: window i = modules i-c+1..i + leap path, weight 0.999; the
-    independent loss on module i alone, weight 0.001; the final CE on modules K-c..K-1, weight 1."""
-    c, k = mlaan.BASES[base], len(modules)
+    independent loss on module i alone, weight 0.001; the final CE on modules K-c..K-1, weight 1
+    (ImageNet: 0.999, plus 0.001 * CE of module K-1 alone)."""
+    c, k = 3 if imagenet else mlaan.BASES[base], len(modules)
     params = [p for p in (*net.parameters(), *aux.parameters()) if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
 
@@ -142,7 +143,9 @@ def reference_gradients(net, modules, aux, base, x, y):
     h = inputs[k - c]
     for layers in modules[k - c:]:
         h = net.run(layers, h)
-    add(F.cross_entropy(net.head(h), y), 1.0)
+    add(F.cross_entropy(net.head(h), y), 0.999 if imagenet else 1.0)
+    if imagenet:
+        add(F.cross_entropy(net.head(net.run(modules[-1], inputs[k - 1])), y), 0.001)
     return params, total
 
 
@@ -156,6 +159,90 @@ def test_gradients_are_those_of_the_windows(base, k):
         assert p.grad is not None
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for w in aux for p in w.ema.parameters())
+
+
+def build_imagenet(arch, k, base="plain"):
+    args = common.parse_args(["--dataset", "imagenet", "--fake-data", "--image-size", "32", "--arch", arch, "--k",
+                              str(k), "--base", base, "--device", "cpu", "--out", "x"], "", "mlaan", 16, 400,
+                             add_method_args=mlaan.method_args)
+    data = common.load_data(args, torch.device("cpu"))
+    net = common.build_backbone(args, data, torch.device("cpu"))
+    modules = common.make_modules(args, net, data)
+    return args, data, net, modules, mlaan.build_aux(args, net, modules, data)
+
+
+@pytest.mark.parametrize("base", ["plain", "dgl"])
+def test_imagenet_gradients_are_those_of_the_official_imagenet_model(base):
+    """Windows of 3 whatever the base, and the final loss mixed 0.999 : 0.001 with module K-1 alone."""
+    args, data, net, modules, aux = build_imagenet("resnet18", 5, base)
+    assert len(aux) == 5 - 3
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, data.num_classes, (4,))
+    params, expected = reference_gradients(net, modules, aux, base, x, y, imagenet=True)
+    mlaan.train_step(net, modules, aux, args, x, y)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+IMAGENET_TABLES = {  # specs/mlaan.md §1.4, by the code's module index i (one block per module)
+    ("resnet34", 16): ["2.0 2.1 3.0 4.0 4.2"] * 3 + ["2.1 3.0 4.0 4.2"] * 4 + ["3.1 4.0 4.1"] * 6
+                      + ["4.1 4.1 4.2", "4.1 4.2"],
+    ("resnet101", 33): ["2.0 3.0 4.0 4.2"] * 3 + ["3.0 4.0 4.1"] * 4 + ["4.0 4.1"] * 23 + ["4.1 4.2"] * 2,
+}
+
+
+@pytest.mark.parametrize("arch,code_k,stem_alone", [("resnet34", 16, False), ("resnet34", 16, True),
+                                                    ("resnet101", 33, False), ("resnet101", 33, True)])
+def test_imagenet_leap_paths_are_the_official_tables(arch, code_k, stem_alone):
+    stage_blocks = {"resnet34": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}[arch]
+    net = common.imagenet_backbone(arch, 1000)
+    modules = common.split_modules(arch, len(net.layers), code_k + stem_alone)
+    assert modules[0] == ([0] if stem_alone else [0, 1])
+    paths, source = mlaan.leap_paths(arch, modules, common.layer_shapes(net, 64))
+    assert source == f"the official table (code K={code_k})"
+    layer = lambda blk: 1 + sum(stage_blocks[:int(blk.split(".")[0]) - 1]) + int(blk.split(".")[1])
+    table = [[layer(b) for b in spec.split()] for spec in IMAGENET_TABLES[arch, code_k]]
+    assert paths[stem_alone:-1] == table and paths[-1] == []
+
+
+def test_imagenet_heads_are_the_official_ones():
+    """auxnet34.py: conv1x1 pair before the linear layer on 64/128-channel maps only; auxnet101.py:
+    global pool + Linear everywhere; the cascaded head is global pool + Linear on the leap's output."""
+    def head_params(arch, k):
+        net = common.imagenet_backbone(arch, 1000)
+        modules = common.split_modules(arch, len(net.layers), k)
+        args = common.parse_args(["--dataset", "imagenet", "--arch", arch, "--k", str(k), "--out", "x"], "", "mlaan",
+                                 16, 400, add_method_args=mlaan.method_args)
+        data = type("Data", (), {"image_size": 224, "num_classes": 1000, "mean": None, "std": None})
+        aux = mlaan.build_aux(args, net, modules, data)
+        return ([common.count_params(w.own) for w in aux], [common.count_params(w.cascade) for w in aux],
+                [common.count_params(w.leap) for w in aux])
+    conv_pair = lambda c: 2 * c * c + 4 * c + 2 * c * c + 2 * c  # conv1x1 C->2C, BN, conv1x1 2C->C, BN
+    linear = lambda c: c * 1000 + 1000
+    own, cascade, _ = head_params("resnet34", 16)
+    assert own == ([conv_pair(64) + linear(64)] + [conv_pair(128) + linear(128)] * 4 + [linear(256)] * 6
+                   + [linear(512)] * 2)  # windows end at modules 2..14 (blocks 1.2 .. 4.1)
+    assert cascade == [linear(512)] * 13
+    own, cascade, leap = head_params("resnet101", 33)
+    assert own == [linear(256)] + [linear(512)] * 4 + [linear(1024)] * 23 + [linear(2048)] * 2
+    assert cascade == [linear(2048)] * 30
+
+
+def test_imagenet_leap_copies_are_drawn_anew():
+    """The official ImageNet code re-initialises its leap and EMA copies; CIFAR copies the backbone."""
+    _, _, net, _, aux = build_imagenet("resnet18", 5)
+    window = aux[0]
+    source = net.layers[window.ema_source]
+    conv = lambda m: next(x for x in m.modules() if isinstance(x, torch.nn.Conv2d)).weight
+    assert not torch.equal(conv(window.leap[0]), conv(source)) and not torch.equal(conv(window.ema), conv(source))
+    assert not torch.equal(conv(window.leap[0]), conv(window.ema))
+    _, _, net, _, aux = build(5, "plain")
+    assert torch.equal(conv(aux[0].leap[0]), conv(net.layers[aux[0].ema_source]))
+
+
+def test_imagenet_refuses_the_infopro_base():
+    with pytest.raises(SystemExit, match="--base infopro is for the CIFAR ResNets"):
+        build_imagenet("resnet18", 5, "infopro")
 
 
 def module_params(net, layers):
