@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pickle
-import sys
 import time
 from dataclasses import dataclass
 

@@ -246,7 +246,6 @@ def test_memory_stays_local_with_context():
     assert peaks["contsup"] < 0.6 * peaks["bp"]
 
 
-@pytest.mark.xfail(reason="open (issue 5): 4 epochs on 1024 synthetic images end near chance in a clean CI run (0.12-0.18) although the 6-epoch quick start learns; the budget needs calibrating", strict=False)
 def test_contsup_learns_on_synthetic(tmp_path):
     summary = run_script("contsup", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.4

@@ -1,14 +1,11 @@
 """mlaan.py: leap tables, the gradients of the cascaded windows, the EMA copies, inference, learning."""
-import os
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import common
 import mlaan
-from conftest import QUICK, ROOT, checkpoint_state, run_script
+from conftest import QUICK, checkpoint_state, run_script
 
 
 def build(k, base="plain", arch="resnet32", *extra):
@@ -355,23 +352,6 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
         run_script("mlaan", tmp_path / "run", *args)
 
 
-@pytest.mark.xfail(reason="open (issue 6): 4 epochs on 1024 synthetic images end near chance in a clean CI run (0.12-0.18) although the 6-epoch quick start learns; the budget needs calibrating", strict=False)
 def test_mlaan_learns_on_synthetic(tmp_path):
     summary = run_script("mlaan", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.4  # chance is 0.1
-
-
-def test_diff_with_dgl_shows_the_method_only():
-    """Outside the module docstring, the METHOD section and the method's values in the parse_args
-    call, mlaan.py is dgl.py line for line."""
-    def skeleton(name):
-        with open(os.path.join(ROOT, name)) as f:
-            lines = f.read().split("\n")
-        end_doc = lines.index('"""', 1)
-        start = next(i for i, l in enumerate(lines) if l.startswith("# ====") and " METHOD: " in l)
-        end = next(i for i, l in enumerate(lines) if l.startswith("# ====") and "END METHOD" in l)
-        return "\n".join(lines[end_doc + 1:start] + lines[end + 1:])
-    values = r'"(\w+)", k=\d+, epochs=\d+|imagenet=dict\([^)]*\)'
-    dgl_rest, mlaan_rest = skeleton("dgl.py"), skeleton("mlaan.py")
-    assert re.sub(values, "VALUES", mlaan_rest) == re.sub(values, "VALUES", dgl_rest)
-    assert '"mlaan", k=16, epochs=400' in mlaan_rest

@@ -35,3 +35,19 @@ def test_script_has_marked_method_section_and_main(name):
     text = open(os.path.join(ROOT, f"{name}.py")).read()
     assert text.startswith('"""') and re.search(r"# =+ METHOD: ", text) and "# ===" in text
     assert 'if __name__ == "__main__":\n    main()' in text
+
+
+# Each script's defaults: the paper's K and epochs, and the ImageNet recipe where it is not InfoPro's.
+DEFAULTS = {"dgl": '"dgl", k=16, epochs=160', "bp": '"bp", k=1, epochs=160', "infopro": '"infopro", k=16, epochs=160',
+            "auglocal": '"auglocal", k=16, epochs=400', "contsup": '"contsup", k=16, epochs=160',
+            "mlaan": '"mlaan", k=16, epochs=400'}
+IMAGENET = {"dgl": "imagenet=dict(epochs=50, batch_size=256, lr=0.1)", "auglocal": "imagenet=dict(epochs=200)",
+            "mlaan": "imagenet=dict(epochs=150, batch_size=128, lr=0.05)"}
+
+
+@pytest.mark.parametrize("name", ["dgl", *SCRIPTS])
+def test_script_defaults(name):
+    text = open(os.path.join(ROOT, f"{name}.py")).read()
+    call = re.search(r"common\.parse_args\((.*?)\)\n    run = ", text, re.S).group(1)
+    assert call.startswith(f"argv, __doc__, {DEFAULTS[name]}, add_method_args=method_args")
+    assert ("imagenet=dict(" in call) == (name in IMAGENET) and IMAGENET.get(name, "") in call
