@@ -32,6 +32,36 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def build_method(name, *argv, data=None):
+    """What `<name>.main(argv)` builds before training, on the CPU: (args, data, net, modules, aux)."""
+    common, script = importlib.import_module("common"), importlib.import_module(name)
+    args = common.parse_args(list(map(str, argv)), "", name, 16, 160, script.method_args)
+    data = data or common.load_data(args, torch.device("cpu"))
+    net = common.build_backbone(args, data, torch.device("cpu"))
+    modules = common.make_modules(args, net, data)
+    return args, data, net, modules, script.build_aux(args, net, modules, data)
+
+
+def module_params(net, layers):
+    return [p for i in layers for p in net.layers[i].parameters()]
+
+
+def assert_greedy_gradients(name, args, net, modules, aux, x, y):
+    """After one step of a greedy method (one CE head per module), every module and its head hold
+    exactly the gradient of that head's loss on the module's detached input."""
+    torch.manual_seed(1)
+    importlib.import_module(name).train_step(net, modules, aux, args, x, y)
+    h = x
+    for k, layers in enumerate(modules):
+        head = aux[k] if k < len(aux) else net.head
+        own = module_params(net, layers) + list(head.parameters())
+        out = net.run(layers, h.detach())
+        expected = torch.autograd.grad(torch.nn.functional.cross_entropy(head(out), y), own)
+        for p, g in zip(own, expected):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+        h = out
+
+
 def checkpoint_state(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
 

@@ -5,11 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import auglocal
 import common
-from conftest import QUICK, run_script
+from conftest import QUICK, assert_greedy_gradients, build_method, run_script
 
 N_LAYERS = {"resnet32": 16, "resnet110": 55}
 
@@ -18,12 +17,7 @@ def build(arch="resnet32", k=16, depth=None, coeff=None, seed=0):
     argv = [*QUICK, "--arch", arch, "--k", str(k), "--seed", str(seed), "--subset", "64"]
     argv += ["--aux-depth", str(depth)] if depth is not None else []
     argv += ["--pyramid-coeff", str(coeff)] if coeff is not None else []
-    args = common.parse_args(argv, "", "auglocal", 16, 400, auglocal.method_args)
-    data = common.load_data(args, torch.device("cpu"))
-    net = common.build_backbone(args, data, torch.device("cpu"))
-    modules = common.make_modules(args, net, data)
-    aux = auglocal.build_aux(args, net, modules, data)  # merges `modules` in place
-    return args, data, net, modules, aux
+    return build_method("auglocal", *argv)  # build_aux merges `modules` in place
 
 
 def plan(arch, k, depth, coeff=0.5):
@@ -161,11 +155,15 @@ def test_generalised_rule_on_modules_of_several_layers():
     assert [len(blocks(h)) for h in aux] == [4, 4, 3, 3, 2]  # round(4 - 1.5 i / 4): i = 4 gives 2.5 -> 2
 
 
-def test_generalised_resnet110_k16_runs(tmp_path):
-    summary = run_script("auglocal", tmp_path / "run", "--arch", "resnet110", "--k", "16", "--steps", "1")
-    assert summary["k"] == 16 and summary["modules"] == common.split_modules("resnet110", 55, 16)
+@pytest.mark.parametrize("k", [16, 55])
+def test_resnet110_runs(tmp_path, k):
+    """The generalised rule (K=16) and the paper's one layer per module (K=55, d=3: 52 modules)."""
+    summary = run_script("auglocal", tmp_path / "run", "--arch", "resnet110", "--k", k, "--steps", "1",
+                         "--batch-size", "16")
+    modules = common.split_modules("resnet110", 55, 16) if k == 16 else [[i] for i in range(51)] + [[51, 52, 53, 54]]
+    assert summary["k"] == k and summary["modules"] == modules
     assert summary["steps"] == 1 and summary["params"]["backbone"] == 1_730_714
-    assert summary["params"]["aux"] > 0
+    assert summary["params"]["aux"] == (AUX_PARAMS["resnet110", 3, 0.5] if k == 55 else summary["params"]["aux"]) > 0
 
 
 def test_summary_reports_the_merged_modules(tmp_path):
@@ -184,25 +182,10 @@ def test_bad_input_is_one_clear_line(tmp_path, flags, message):
         run_script("auglocal", tmp_path / "run", *flags, "--steps", "1")
 
 
-def module_params(net, layers):
-    return [p for i in layers for p in net.layers[i].parameters()]
-
-
 def test_each_module_gets_exactly_the_gradient_of_its_own_local_loss():
     args, data, net, modules, aux = build(k=4)
     assert len(modules) == 4 and len(aux) == 3
-    x, y = data.normalize(data.train_x[:32]), data.train_y[:32]
-    torch.manual_seed(1)
-    auglocal.train_step(net, modules, aux, args, x, y)
-    h = x
-    for k, layers in enumerate(modules):
-        own = module_params(net, layers) + (list(aux[k].parameters()) if k < len(aux) else list(net.head.parameters()))
-        out = net.run(layers, h.detach())
-        loss = F.cross_entropy(aux[k](out) if k < len(aux) else net.head(out), y)
-        expected = torch.autograd.grad(loss, own)
-        for p, g in zip(own, expected):
-            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-        h = out
+    assert_greedy_gradients("auglocal", args, net, modules, aux, data.normalize(data.train_x[:32]), data.train_y[:32])
 
 
 def test_per_module_backward_keeps_activation_memory_low(tmp_path):

@@ -10,15 +10,12 @@ import torch.nn.functional as F
 import bp
 import common
 import dgl
-from conftest import QUICK, ROOT, checkpoint_state, read_json, read_jsonl, run_script
+from conftest import (QUICK, ROOT, assert_greedy_gradients, build_method, checkpoint_state, module_params, read_json,
+                      read_jsonl, run_script)
 
 
 def build(k, arch="resnet32", seed=0):
-    args = common.parse_args([*QUICK, "--arch", arch, "--k", str(k), "--seed", str(seed)], "", "dgl", 16, 160)
-    data = common.load_data(args, torch.device("cpu"))
-    net = common.build_backbone(args, data, torch.device("cpu"))
-    modules = common.make_modules(args, net, data)
-    return args, data, net, modules, dgl.build_aux(args, net, modules, data)
+    return build_method("dgl", *QUICK, "--arch", arch, "--k", k, "--seed", seed)
 
 
 def batch(data, n=32):
@@ -40,24 +37,9 @@ def test_dgl_heads_sit_on_module_outputs():
     assert [h.mlp[-1].in_features for h in (aux[0], aux[6], aux[14])] == [64, 128, 256]
 
 
-def module_params(net, layers):
-    return [p for i in layers for p in net.layers[i].parameters()]
-
-
 def test_each_module_gets_exactly_the_gradient_of_its_own_local_loss():
     args, data, net, modules, aux = build(4)
-    x, y = batch(data)
-    torch.manual_seed(1)
-    dgl.train_step(net, modules, aux, args, x, y)
-    h = x
-    for k, layers in enumerate(modules):
-        own = module_params(net, layers) + (list(aux[k].parameters()) if k < len(aux) else list(net.head.parameters()))
-        out = net.run(layers, h.detach())
-        loss = F.cross_entropy(aux[k](out) if k < len(aux) else net.head(out), y)
-        expected = torch.autograd.grad(loss, own)
-        for p, g in zip(own, expected):
-            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-        h = out
+    assert_greedy_gradients("dgl", args, net, modules, aux, *batch(data))
 
 
 def test_no_gradient_crosses_a_module_boundary():

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import contsup
-from conftest import QUICK, run_script
+from conftest import QUICK, build_method, module_params, run_script
 
 
 @functools.cache
@@ -18,20 +18,11 @@ def quick_data():
 
 
 def build(k, *extra, arch="resnet32"):
-    args = common.parse_args([*QUICK, "--arch", arch, "--k", str(k), *map(str, extra)], "", "contsup", 16, 160,
-                             contsup.method_args)
-    data = quick_data()
-    net = common.build_backbone(args, data, torch.device("cpu"))
-    modules = common.make_modules(args, net, data)
-    return args, data, net, modules, contsup.build_aux(args, net, modules, data)
+    return build_method("contsup", *QUICK, "--arch", arch, "--k", k, *extra, data=quick_data())
 
 
 def batch(data, n=16):
     return data.normalize(data.train_x[:n]), data.train_y[:n]
-
-
-def module_params(net, layers):
-    return [p for i in layers for p in net.layers[i].parameters()]
 
 
 # Context parameters the official model actually uses (specs/contsup.md §1.4), ResNet-32 at K=4 / 16.

@@ -5,16 +5,11 @@ import torch.nn.functional as F
 
 import common
 import infopro
-from conftest import QUICK, checkpoint_state, run_script
+from conftest import QUICK, build_method, checkpoint_state, run_script
 
 
 def build(k=4, arch="resnet32", *extra):
-    args = common.parse_args([*QUICK, "--arch", arch, "--k", str(k), *extra], "", "infopro", 16, 160,
-                             infopro.method_args)
-    data = common.load_data(args, torch.device("cpu"))
-    net = common.build_backbone(args, data, torch.device("cpu"))
-    modules = common.make_modules(args, net, data)
-    return args, data, net, modules, infopro.build_aux(args, net, modules, data)
+    return build_method("infopro", *QUICK, "--arch", arch, "--k", k, *extra)
 
 
 def batch(data, n=16):

@@ -5,16 +5,11 @@ import torch.nn.functional as F
 
 import common
 import mlaan
-from conftest import QUICK, checkpoint_state, run_script
+from conftest import QUICK, build_method, checkpoint_state, module_params, run_script
 
 
 def build(k, base="plain", arch="resnet32", *extra):
-    args = common.parse_args([*QUICK, "--arch", arch, "--k", str(k), "--base", base, *extra], "", "mlaan", 16, 400,
-                             add_method_args=mlaan.method_args)
-    data = common.load_data(args, torch.device("cpu"))
-    net = common.build_backbone(args, data, torch.device("cpu"))
-    modules = common.make_modules(args, net, data)
-    return args, data, net, modules, mlaan.build_aux(args, net, modules, data)
+    return build_method("mlaan", *QUICK, "--arch", arch, "--k", k, "--base", base, *extra)
 
 
 def batch(data, n=8, size=16):
@@ -159,13 +154,8 @@ def test_gradients_are_those_of_the_windows(base, k):
 
 
 def build_imagenet(arch, k, base="plain"):
-    args = common.parse_args(["--dataset", "imagenet", "--fake-data", "--image-size", "32", "--arch", arch, "--k",
-                              str(k), "--base", base, "--device", "cpu", "--out", "x"], "", "mlaan", 16, 400,
-                             add_method_args=mlaan.method_args)
-    data = common.load_data(args, torch.device("cpu"))
-    net = common.build_backbone(args, data, torch.device("cpu"))
-    modules = common.make_modules(args, net, data)
-    return args, data, net, modules, mlaan.build_aux(args, net, modules, data)
+    return build_method("mlaan", "--dataset", "imagenet", "--fake-data", "--image-size", "32", "--arch", arch,
+                        "--k", k, "--base", base, "--device", "cpu")
 
 
 @pytest.mark.parametrize("base", ["plain", "dgl"])
@@ -240,10 +230,6 @@ def test_imagenet_leap_copies_are_drawn_anew():
 def test_imagenet_refuses_the_infopro_base():
     with pytest.raises(SystemExit, match="--base infopro is for the CIFAR ResNets"):
         build_imagenet("resnet18", 5, "infopro")
-
-
-def module_params(net, layers):
-    return [p for i in layers for p in net.layers[i].parameters()]
 
 
 def test_who_gets_which_gradient():
