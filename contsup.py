@@ -10,7 +10,7 @@ convs at full resolution, then average pooling) or the inputs of the n most rece
 1x1 conv, then pooling). Module i's local loss is taken before its context is added. The encoders of
 node i are trained only by module i+1's loss, and they are part of the inference network.
 
-    python contsup.py --dataset synthetic --arch resnet32 --k 4       # CPU; see README for time and accuracy
+    python contsup.py --dataset synthetic --arch resnet32 --k 4       # CPU, a few minutes
     python contsup.py --dataset cifar10 --arch resnet32 --k 16 --context R1E --loss ce --out runs/contsup-r1e-ce
     python contsup.py --dataset svhn --arch resnet110 --k 8 --context R1E --reconstruct
     torchrun --nproc_per_node=8 contsup.py --dataset imagenet --data-dir DIR --arch resnet101 --k 2 --split balanced --context R1

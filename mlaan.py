@@ -13,10 +13,11 @@ first block is summed with an EMA copy of that backbone block, theta_ema <- m * 
 (1 - m) * theta_backbone, updated after the step's backwards from the weights the step used (as in
 the official code). EMA copies take no gradient. Inference is the plain backbone.
 
-    python mlaan.py --dataset synthetic --arch resnet32 --k 16                   # CPU, several minutes
+    python mlaan.py --dataset synthetic --arch resnet32 --k 16                   # CPU, about 7 minutes
     python mlaan.py --dataset cifar10 --arch resnet32 --k 16                     # MLAAN (plain heads)
     python mlaan.py --dataset stl10 --arch resnet110 --k 55 --base infopro       # InfoPro + MLAAN
     torchrun --nproc_per_node=2 mlaan.py --dataset cifar10 --arch resnet32 --k 16 --base dgl
+    torchrun --nproc_per_node=8 mlaan.py --dataset imagenet --data-dir DIR --arch resnet34 --k 16
 
 Bases (official CIFAR files): `plain` (resnetMLAAN.py, the model the official train.py builds):
 global pool + Linear heads, CE, windows of 2 modules. `dgl` (resnetDGLbin.py): the official auxDGL
