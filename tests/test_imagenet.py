@@ -103,10 +103,13 @@ def test_every_script_runs_on_imagenet(tmp_path, tiny_imagenet, method):
     assert 0 <= line["test_acc"] <= line["test_top5"] == 1.0  # top-5 of 3 classes
 
 
-def test_torchrun_on_imagenet(tmp_path, tiny_imagenet):
+@pytest.mark.parametrize("method,k", [("dgl", 3), ("contsup", 3), ("mlaan", 4)])
+def test_torchrun_on_imagenet(tmp_path, tiny_imagenet, method, k):
+    """Two gloo ranks end with identical parameters: backbone, aux nets, ContSup's context encoders,
+    MLAAN's freshly drawn leap copies and their EMA copies."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dgl.py",
-           *imagenet_args(tiny_imagenet, "--arch", "resnet18", "--k", "3", "--epochs", "1"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
+           *imagenet_args(tiny_imagenet, "--arch", "resnet18", "--k", str(k), "--epochs", "1"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
