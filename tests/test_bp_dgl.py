@@ -191,9 +191,9 @@ def test_torchrun_two_processes_keep_identical_models(tmp_path):
 
 def test_bp_learns_on_synthetic(tmp_path):
     summary = run_script("bp", tmp_path / "run", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
-    assert summary["final_test_acc"] > 0.6  # chance is 0.1
+    assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.90
 
 
 def test_dgl_learns_on_synthetic(tmp_path):
     summary = run_script("dgl", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
-    assert summary["final_test_acc"] > 0.4
+    assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 1.0

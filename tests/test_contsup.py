@@ -239,7 +239,7 @@ def test_memory_stays_local_with_context():
 
 def test_contsup_learns_on_synthetic(tmp_path):
     summary = run_script("contsup", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
-    assert summary["final_test_acc"] > 0.4
+    assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.98
 
 
 def imagenet_aux(arch, k, *flags, split="official"):

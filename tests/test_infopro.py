@@ -229,4 +229,4 @@ def test_every_loss_falls_when_fitting_one_batch():
 def test_infopro_learns_on_synthetic(tmp_path):
     """The published CIFAR-10 K=4 weights (6, 0, 1, 2) and SupCon, end to end."""
     summary = run_script("infopro", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
-    assert summary["final_test_acc"] > 0.4  # chance is 0.1
+    assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.95

@@ -340,4 +340,4 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 
 def test_mlaan_learns_on_synthetic(tmp_path):
     summary = run_script("mlaan", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
-    assert summary["final_test_acc"] > 0.4  # chance is 0.1
+    assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.97
