@@ -10,8 +10,13 @@ relative to bp.py, for the same arch, dataset shape, batch and precision.
         --steps 4 --device cpu                                                   # a CPU smoke run
     python benchmarks/bench.py --preset gpu --extra "--bf16 --channels-last"
 
-A case is METHOD:ARCH:K:DATASET:BATCH. A bp.py case is added for every (arch, dataset, batch)
-that lacks one. Measurement: common.Run (peak after 2 warm-up steps, evaluation excluded).
+    python benchmarks/bench.py --preset infopro-star   # InfoPro* Table 3 (ResNet-110, balanced K=2,3,4)
+    python benchmarks/bench.py --preset contsup        # ContSup R0/E/R1/R1E, ResNet-32 K=8/16
+    python benchmarks/bench.py --preset imagenet       # ResNet-101 K=2 InfoPro*, ResNet-34 AugLocal, 128/GPU
+
+A case is METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], OPTIONS being the script's own flags joined by
+commas, e.g. infopro:resnet110:2:cifar10:1024:--split=balanced. A bp.py case is added for every
+(arch, dataset, batch) that lacks one. Measurement: common.Run (peak after 2 warm-up steps, evaluation excluded).
 """
 import argparse
 import json
@@ -28,16 +33,21 @@ PRESETS = {  # the README's GPU table (issue: speed and memory side by side)
     "gpu": [f"{m}:resnet32:16:cifar10:1024" for m in LOCAL]
            + [f"{m}:resnet110:{k}:cifar10:1024" for k in (16, 55) for m in LOCAL]
            + [f"{m}:resnet110:16:stl10:128" for m in LOCAL],
+    "infopro-star": [f"infopro:resnet110:{k}:cifar10:1024:--split=balanced" for k in (2, 3, 4)],
+    "contsup": [f"contsup:resnet32:{k}:cifar10:1024:--context={c}" for k in (8, 16) for c in ("R0", "E", "R1", "R1E")],
+    "imagenet": ["infopro:resnet101:2:imagenet:128:--split=balanced", "auglocal:resnet34:17:imagenet:128"],
     "ci": ["bp:resnet32:1:cifar10:32", "dgl:resnet32:4:cifar10:32"],
 }
 
 
 def parse_case(text):
     try:
-        method, arch, k, dataset, batch = text.split(":")
-        case = dict(method=method, arch=arch, k=int(k), dataset=dataset, batch=int(batch))
+        method, arch, k, dataset, batch, *options = text.split(":", 5)
+        case = dict(method=method, arch=arch, k=int(k), dataset=dataset, batch=int(batch),
+                    options=options[0].split(",") if options and options[0] else [])
     except ValueError:
-        raise SystemExit(f"error: bad case {text!r}: write METHOD:ARCH:K:DATASET:BATCH, e.g. dgl:resnet32:16:cifar10:1024")
+        raise SystemExit(f"error: bad case {text!r}: write METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], e.g. "
+                         f"dgl:resnet32:16:cifar10:1024 or contsup:resnet32:8:cifar10:1024:--context=R1E")
     if method not in METHODS:
         raise SystemExit(f"error: unknown method {method!r} in {text!r}: choose one of {', '.join(METHODS)}")
     return case
@@ -46,15 +56,15 @@ def parse_case(text):
 def with_bp_baselines(cases):
     groups = {(c["arch"], c["dataset"], c["batch"]) for c in cases}
     have = {(c["arch"], c["dataset"], c["batch"]) for c in cases if c["method"] == "bp"}
-    extra = [dict(method="bp", arch=a, k=1, dataset=d, batch=b) for a, d, b in sorted(groups - have)]
+    extra = [dict(method="bp", arch=a, k=1, dataset=d, batch=b, options=[]) for a, d, b in sorted(groups - have)]
     return extra + cases
 
 
 def run_case(case, steps, device, extra, workdir):
-    out = os.path.join(workdir, "{method}-{arch}-k{k}-{dataset}-b{batch}".format(**case))
+    out = tempfile.mkdtemp(prefix="{method}-{arch}-k{k}-{dataset}-b{batch}-".format(**case), dir=workdir)
     cmd = [sys.executable, os.path.join(ROOT, f"{case['method']}.py"), "--dataset", case["dataset"], "--fake-data",
            "--arch", case["arch"], "--k", str(case["k"]), "--batch-size", str(case["batch"]),
-           "--steps", str(steps), "--out", out, *shlex.split(extra)]
+           "--steps", str(steps), "--out", out, *case["options"], *shlex.split(extra)]
     if device:
         cmd += ["--device", device]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -71,10 +81,11 @@ def table(rows, extra):
     base = {(r["arch"], r["dataset"], r["batch"]): r for r in rows if r["method"] == "bp" and "error" not in r}
     kind = "peak CUDA MiB" if any(r.get("cuda") for r in rows) else "activation MiB (CPU)"
     precision = extra or "fp32"
-    lines = [f"| method | arch | K | data | batch | precision | {kind} | memory / bp | images/s | time / bp |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | options | arch | K | data | batch | precision | {kind} | memory / bp | images/s | time / bp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['method']} | {r['arch']} | {r['k']} | {r['dataset']} | {r['batch']} | {precision} |"
+        options = " ".join(r["options"]) or "-"
+        head = f"| {r['method']} | {options} | {r['arch']} | {r['k']} | {r['dataset']} | {r['batch']} | {precision} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error']} | | | |")
             continue
@@ -91,7 +102,7 @@ def table(rows, extra):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="*", default=[], help="METHOD:ARCH:K:DATASET:BATCH ...")
+    p.add_argument("--cases", nargs="*", default=[], help="METHOD:ARCH:K:DATASET:BATCH[:OPTIONS] ...")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named list of cases")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per case (2 are warm-up)")
     p.add_argument("--device", default=None)

@@ -69,15 +69,18 @@ def test_no_augment_and_fake_data():
 
 
 def test_benchmark_table_on_cpu(tmp_path):
-    rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "--steps", "3", "--device", "cpu",
+    rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "contsup:resnet32:4:cifar10:16:--context=R0",
+                       "contsup:resnet32:4:cifar10:16:--context=R1,--loss=ce", "--steps", "3", "--device", "cpu",
                        "--out", str(tmp_path / "table.md")])
-    assert [r["method"] for r in rows] == ["bp", "dgl"]  # the bp baseline is added
+    assert [r["method"] for r in rows] == ["bp", "dgl", "contsup", "contsup"]  # the bp baseline is added
     assert all("error" not in r for r in rows)
     assert rows[1]["memory"] < 0.6 * rows[0]["memory"]
     text = (tmp_path / "table.md").read_text()
-    assert "| dgl | resnet32 | 4 | cifar10 | 16 | fp32 |" in text and "activation MiB (CPU)" in text
+    assert "| dgl | - | resnet32 | 4 | cifar10 | 16 | fp32 |" in text and "activation MiB (CPU)" in text
+    assert "| contsup | --context=R1 --loss=ce | resnet32 | 4 |" in text
+    assert rows[2]["memory"] != rows[3]["memory"]  # the options reached the script (R1 keeps more)
 
 
 def test_benchmark_bad_case():
-    with pytest.raises(SystemExit, match="write METHOD:ARCH:K:DATASET:BATCH"):
+    with pytest.raises(SystemExit, match=r"write METHOD:ARCH:K:DATASET:BATCH\[:OPTIONS\]"):
         bench.main(["--cases", "dgl:resnet32"])
