@@ -216,14 +216,14 @@ def test_every_loss_falls_when_fitting_one_batch():
         return out + [F.cross_entropy(net.head(net.run(modules[-1], h)), y).item()]
 
     before = losses()
-    for _ in range(30):
+    for _ in range(40):
         opt.zero_grad()
         infopro.train_step(net, modules, aux, args, x, y)
         opt.step()
     after = losses()
     assert all(a < 0.9 * b for a, b in zip(after[0:6:2], before[0:6:2])), (before, after)  # reconstruction
-    assert all(a < 0.85 * b for a, b in zip(after[1:6:2], before[1:6:2])), (before, after)  # SupCon
-    assert after[-1] < 0.5 * before[-1], (before, after)  # the final CE
+    assert all(a < 0.7 * b for a, b in zip(after[1:6:2], before[1:6:2])), (before, after)  # SupCon (max 0.59)
+    assert after[-1] < 0.3 < 2 < before[-1], (before, after)  # the final CE (0.07)
 
 
 def test_infopro_learns_on_synthetic(tmp_path):
