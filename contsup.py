@@ -13,7 +13,7 @@ node i are trained only by module i+1's loss, and they are part of the inference
     python contsup.py --dataset synthetic --arch resnet32 --k 4       # CPU, a few minutes
     python contsup.py --dataset cifar10 --arch resnet32 --k 16 --context R1E --loss ce --out runs/contsup-r1e-ce
     python contsup.py --dataset svhn --arch resnet110 --k 8 --context R1E --reconstruct
-    torchrun --nproc_per_node=8 contsup.py --dataset imagenet --data-dir DIR --arch resnet101 --k 2 --split balanced --context R1
+    torchrun --nproc_per_node=8 contsup.py --dataset imagenet --data-dir DIR --arch resnet101 --k 2 --context R1
     torchrun --nproc_per_node=2 contsup.py --dataset cifar10 --arch resnet32 --k 8
 
 --context, with in_0 = x: R0 no context (plain greedy local learning) | E: + E_i(x) | R1: + R_i(in_i),
@@ -160,7 +160,8 @@ class LocalLoss(nn.Module):
         super().__init__()
         self.loss = loss
         self.head = (imagenet_head if imagenet else aux_head)(channels, 128 if loss == "contrast" else data.num_classes)
-        self.decoder = None if weights is None else (ImageNetDecoder if imagenet else Decoder)(channels, data.image_size)
+        decoder = ImageNetDecoder if imagenet else Decoder
+        self.decoder = None if weights is None else decoder(channels, data.image_size)
         self.weights = weights
         self.register_buffer("mean", data.mean.clone(), persistent=False)  # to undo the normalisation
         self.register_buffer("std", data.std.clone(), persistent=False)
@@ -180,7 +181,8 @@ class LocalLoss(nn.Module):
 def image_encoder(channels, size, stride=1, hidden=12):
     """E: conv3x3 (3 -> 12, bias)-BN-ReLU-conv3x3 (12 -> C, bias)-BN-ReLU at full image resolution
     (stride 2 each on ImageNet), then average-pool to the target size."""
-    return nn.Sequential(*conv_bn_relu(3, hidden, 3, stride, bias=True), *conv_bn_relu(hidden, channels, 3, stride, bias=True),
+    return nn.Sequential(*conv_bn_relu(3, hidden, 3, stride, bias=True),
+                         *conv_bn_relu(hidden, channels, 3, stride, bias=True),
                          nn.AdaptiveAvgPool2d(size))
 
 

@@ -68,8 +68,9 @@ Differences from the official code (Wendy231015/MLAAN):
   alone), the general rule otherwise; leap and EMA copies are freshly initialised (torchvision's
   kaiming fan-out init), as the official ImageNet code re-initialises them. That code updates the last
   window's EMA copy twice per step (after its window and again after the final backward); here every
-  copy is updated once. Defaults: the official recipe's batch 128, lr 0.05, 150 epochs (cosine, no
-  warm-up); the README's ResNet-101 example uses --batch-size 64 per GPU.
+  copy is updated once. Defaults: the official recipe's lr 0.05, 150 epochs (cosine, no warm-up) and
+  batch 128, which is global here and per process there (on 8 GPUs pass --batch-size 1024); its
+  README's ResNet-101 example uses 64 per GPU.
 """
 import functools
 import math
@@ -177,9 +178,9 @@ class ImageNetHead(nn.Module):
 
     def __init__(self, channels, num_classes):
         super().__init__()
-        self.convs = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
-                                     for a, b in ((channels, 2 * channels), (2 * channels, channels))
-                                     ]) if channels in (64, 128) else nn.Identity()
+        pair = ((channels, 2 * channels), (2 * channels, channels)) if channels in (64, 128) else ()
+        self.convs = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 1, bias=False), nn.BatchNorm2d(b),
+                                                   nn.ReLU(inplace=True)) for a, b in pair])
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, h, x, y):
