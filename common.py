@@ -425,20 +425,23 @@ class ImageFolderData:
         self.device, self.workers, self.resident_bytes = device, args.workers, 0
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    def _batches(self, dataset, sampler, batch_size, seed):
+    def _batches(self, dataset, sampler, batch_size, seed, min_size=1):
         if self.workers == 0:  # the transforms then draw from this process's RNG: make it repeatable
             torch.manual_seed(seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
         for x, y in loader:
+            if len(y) < min_size:  # the sampler gives every rank the same sizes, so all ranks skip it
+                break
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield x, y.to(self.device, non_blocking=True)
 
     def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
         sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)  # every rank has the same number of batches (the sampler pads)
-        return self._batches(self.train_set, sampler, batch_size // world, (seed * 100003 + epoch) * 1009 + rank)
+        # BatchNorm (and SupCon) need 2+ samples: a last batch of 1 is dropped, as in Data.train_batches.
+        return self._batches(self.train_set, sampler, batch_size // world, (seed * 100003 + epoch) * 1009 + rank, 2)
 
     def test_batches(self, batch_size, rank=0, world=1):
         shard = list(range(rank, len(self.test_set), world))

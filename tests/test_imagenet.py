@@ -89,6 +89,7 @@ def test_imagefolder_pipeline(tiny_imagenet):
     assert len(batches) == 3 and batches[0][0].shape == (6, 3, 32, 32)
     again = list(data.train_batches(1, 6, seed=0))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # deterministic per (seed, epoch)
+    assert [len(y) for _, y in data.train_batches(0, 17, seed=0)] == [17]  # no last batch of 1 (BatchNorm)
     shards = [list(data.test_batches(6, rank, 2)) for rank in (0, 1)]
     assert sum(len(y) for shard in shards for _, y in shard) == 6  # each image once over the ranks
 
