@@ -209,13 +209,14 @@ def supcon_loss(features, y, temperature=TEMPERATURE):
     samples; an anchor without positives adds 0 but counts in the mean."""
     if len(y) < 2:
         return features.sum() * 0.0
-    z = F.normalize(features.float(), dim=1)
-    sim = z @ z.T / temperature
-    sim = sim - sim.max(1, keepdim=True).values.detach()
-    others = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-    positives = (y[:, None] == y[None, :]) & others
-    log_prob = sim - torch.logsumexp(sim.masked_fill(~others, float("-inf")), 1, keepdim=True)
-    return -((log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)).mean()
+    with torch.autocast(features.device.type, enabled=False):  # fp32 similarities under --bf16
+        z = F.normalize(features.float(), dim=1)
+        sim = z @ z.T / temperature
+        sim = sim - sim.max(1, keepdim=True).values.detach()
+        others = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+        positives = (y[:, None] == y[None, :]) & others
+        log_prob = sim - torch.logsumexp(sim.masked_fill(~others, float("-inf")), 1, keepdim=True)
+        return -((log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)).mean()
 
 
 class InfoProLoss(nn.Module):

@@ -341,3 +341,12 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 def test_mlaan_learns_on_synthetic(tmp_path):
     summary = run_script("mlaan", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.97
+
+
+def test_supcon_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    features, y = torch.randn(32, 128), torch.randint(0, 4, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mlaan.supcon_loss(features, y)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, mlaan.supcon_loss(features, y), rtol=1e-6, atol=1e-6)
