@@ -188,17 +188,13 @@ def build_aux(args, net, modules, data):
     return nn.ModuleList(heads)
 
 
-def train_step(net, modules, aux, args, x, y):
-    """Per module: forward, local CE backward at once, detach. The last module trains on the head."""
-    h = x
-    for layers, head in zip(modules[:-1], aux):
-        h = net.run(layers, h)
-        F.cross_entropy(head(h), y).backward()
-        h = h.detach()
-    logits = net.head(net.run(modules[-1], h))
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    return loss.detach(), logits.detach()
+def local_step(net, modules, aux, args, i, h, x, y):
+    """Module i on its input h: its output, the cross-entropy of its aux net (the last module's:
+    of the network's head) and that head's logits. common.run_modules back-propagates the loss at
+    once and detaches the output before module i+1."""
+    h = net.run(modules[i], h)
+    logits = (aux[i] if i < len(aux) else net.head)(h)
+    return h, F.cross_entropy(logits, y), logits
 
 
 # ================================= END METHOD =====================================================
@@ -214,8 +210,8 @@ def main(argv=None):
     aux = build_aux(args, net, modules, data).to(run.device)
     model = nn.ModuleDict({"net": net, "aux": aux})
     opt = common.make_optimizer(args, model)
-    step = functools.partial(train_step, net, modules, aux, args)
-    for epoch in run.start(model, opt, data):
+    step = functools.partial(local_step, net, modules, aux, args)
+    for epoch in run.start(model, opt, data, modules, step):
         lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
         test = common.evaluate(run, args, data, model, net)
         run.end_epoch(epoch, lr, train, test, model, opt)

@@ -41,26 +41,25 @@ def checkpoint_segments(layers, n):
     return [[layers[i] for i in seg] for seg in common.modules_from_cuts(cuts, len(layers))]
 
 
-def train_step(net, modules, aux, args, x, y):
-    """Forward through every layer, CE on the head, one backward."""
+def local_step(net, modules, aux, args, i, h, x, y):
+    """The one module: forward through every layer and the head, cross-entropy (common.run_modules
+    back-propagates it)."""
     (layers,) = modules
     if args.grad_checkpoint:
-        h = x
         for segment in checkpoint_segments(tuple(layers), args.grad_checkpoint):
             h = checkpoint(net.run, segment, h, use_reentrant=False)
     else:
-        h = net.run(layers, x)
+        h = net.run(layers, h)
     logits = net.head(h)
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    return loss.detach(), logits.detach()
+    return h, F.cross_entropy(logits, y), logits
 
 
 # ================================= END METHOD =====================================================
 
 
 def main(argv=None):
-    args = common.parse_args(argv, __doc__, "bp", k=1, epochs=160, add_method_args=method_args)
+    args = common.parse_args(argv, __doc__, "bp", k=1, epochs=160, add_method_args=method_args,
+                             no_pipeline="end-to-end training is one module")
     run = common.Run(args)
     data = common.load_data(args, run.device)
     net = common.build_backbone(args, data, run.device)
@@ -68,8 +67,8 @@ def main(argv=None):
     aux = build_aux(args, net, modules, data).to(run.device)
     model = nn.ModuleDict({"net": net, "aux": aux})
     opt = common.make_optimizer(args, model)
-    step = functools.partial(train_step, net, modules, aux, args)
-    for epoch in run.start(model, opt, data):
+    step = functools.partial(local_step, net, modules, aux, args)
+    for epoch in run.start(model, opt, data, modules, step):
         lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
         test = common.evaluate(run, args, data, model, net)
         run.end_epoch(epoch, lr, train, test, model, opt)

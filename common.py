@@ -5,7 +5,9 @@ Everything a method script needs that is not the method itself lives here, so th
 `diff dgl.py auglocal.py` shows the method and nothing else. Import-only: no side effects.
 """
 import argparse
+import collections
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def die(message):
@@ -471,13 +475,15 @@ def load_data(args, device):
 # ----------------------------------------------------------------------------------------------
 
 # Arguments that may change when a run is resumed; every other one must match the run's args.json.
-RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers"}
+# A pipelined and a sequential run train the same model, so either may resume the other.
+RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers", "pipeline", "pipeline_cuts", "module_acc"}
 
 
-def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None):
+def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None, no_pipeline=None):
     """The shared command line. Dataset-dependent defaults (batch, lr, schedule) are filled in
     after parsing; `k` and `epochs` are the method's paper defaults, and `imagenet` its ImageNet
-    `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4)."""
+    `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4). A method that
+    cannot train its modules as pipeline stages gives the reason as `no_pipeline`."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
@@ -507,6 +513,15 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and data")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every layer, the head and every auxiliary net (backwards stay per module)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under torchrun --nproc_per_node=P: train the K modules as P pipelined stages, one per "
+                   "process, instead of P data-parallel replicas (the same result as one process)")
+    p.add_argument("--pipeline-cuts", type=int, nargs="+", default=None, metavar="M",
+                   help="with --pipeline: the first module of every stage after the first (P-1 increasing "
+                   "indices); default: cuts that balance the training FLOPs of the stages")
+    p.add_argument("--module-acc", action="store_true",
+                   help="also evaluate every module's auxiliary classifier on the test split each epoch (one "
+                   "more pass of the local modules)")
     if add_method_args:
         add_method_args(p)
     args = p.parse_args(argv)
@@ -529,6 +544,10 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
         value = getattr(args, name)
         if value is not None and value < 1:
             die(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.pipeline and no_pipeline:
+        die(f"{method}.py cannot pipeline its modules: {no_pipeline}; run it without --pipeline")
+    if args.pipeline_cuts and not args.pipeline:
+        die("--pipeline-cuts sets the stages of --pipeline; add --pipeline or drop --pipeline-cuts")
     return args
 
 
@@ -598,6 +617,206 @@ class _Held:
 
 
 # ----------------------------------------------------------------------------------------------
+# The modules of a batch: one after another in one process, or as pipeline stages over processes.
+# ----------------------------------------------------------------------------------------------
+
+def run_modules(step, ids, h, x, y, backward=True):
+    """The method's local step of modules `ids` in order, from h (the input of the first):
+    `step(i, h, x, y)` returns module i's output, its local loss and its auxiliary classifier's
+    logits (None where it has none); the loss is back-propagated at once and the output detached
+    before the next module, so no gradient crosses a module boundary and each module's
+    activations are freed right away. Returns the last output and every module's loss and
+    logits, detached."""
+    losses, logits = [], []
+    for i in ids:
+        h, loss, scores = step(i, h, x, y)
+        if backward and loss is not None:
+            loss.backward()
+        h = tree_map_only(torch.Tensor, torch.Tensor.detach, h)  # ContSup passes its context sources too
+        losses.append(None if loss is None else loss.detach())
+        logits.append(None if scores is None else scores.detach())
+    return h, losses, logits
+
+
+def train_step(step, k, x, y):
+    """One batch through all k modules in this process (tests, benchmarks): the final loss and logits."""
+    _, losses, logits = run_modules(step, range(k), x, x, y)
+    return losses[-1], logits[-1]
+
+
+class ModuleMeter:
+    """One epoch's training statistics per module, summed on the device (no host sync per batch):
+    the local loss and, where the auxiliary net is a classifier, the samples it classified right.
+    The last module's are the network's own (train_loss, train_acc)."""
+
+    def __init__(self, k, device):
+        self.loss, self.right = torch.zeros(k, device=device), torch.zeros(k, device=device)
+        self.seen = np.zeros((k, 2))  # samples with a loss, samples with logits (host counts)
+        self.index = {}               # module ids -> the same on the device, made once
+
+    def _ids(self, ids):
+        if ids not in self.index:
+            self.index[ids] = torch.tensor(ids, device=self.loss.device)
+        return self.index[ids]
+
+    def add(self, ids, losses, logits, y):
+        with_loss = [(i, l) for i, l in zip(ids, losses) if l is not None]
+        with_logits = [(i, s) for i, s in zip(ids, logits) if s is not None]
+        for column, pairs in enumerate((with_loss, with_logits)):
+            if not pairs:
+                continue
+            ids_here, values = zip(*pairs)
+            if column == 0:
+                self.loss.index_add_(0, self._ids(ids_here), torch.stack([l.float() for l in values]) * len(y))
+            else:
+                right = (torch.stack(values).argmax(2) == y).sum(1).float()
+                self.right.index_add_(0, self._ids(ids_here), right)
+            self.seen[list(ids_here), column] += len(y)
+
+    def result(self, run):
+        """Summed over the ranks (data-parallel shards or pipeline stages)."""
+        sums = torch.stack([self.loss.double(), self.right.double(),
+                            *torch.tensor(self.seen.T, dtype=torch.float64, device=self.loss.device)])
+        loss, right, with_loss, with_logits = run.all_sum(sums).tolist()
+        module_loss = [l / n if n else None for l, n in zip(loss, with_loss)]
+        module_acc = [r / n if n else None for r, n in zip(right, with_logits)]
+        return {"train_loss": module_loss[-1], "train_acc": module_acc[-1],
+                "module_loss": module_loss, "module_acc": module_acc}
+
+
+def probe_modules(model, data, step, k, args, device):
+    """One training step of every module on two random images, leaving the model as it was:
+    per module its training FLOPs (forward and backward, auxiliary nets included), the parameters
+    it gives a gradient and the buffers it updates (which pipeline stage owns them), and the
+    structure of its detached output (what travels to the next stage)."""
+    state = copy.deepcopy(model.state_dict())
+    params, buffers = list(model.parameters()), list(model.buffers())
+    was_training = model.training
+    model.train()
+    x = torch.randn(2, 3, data.image_size, data.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    y = torch.arange(2, device=device) % data.num_classes
+    flops, param_owner, buffer_owner, outputs, h = [], {}, {}, [], x
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(k):
+            before = [b.clone() for b in buffers]
+            with FlopCounterMode(display=False) as counter, autocast(args, device):
+                h, _, _ = run_modules(step, [i], h, x, y)
+            flops.append(counter.get_total_flops())
+            param_owner.update({j: i for j, p in enumerate(params) if p.grad is not None and j not in param_owner})
+            buffer_owner.update({j: i for j, (b, old) in enumerate(zip(buffers, before))
+                                 if j not in buffer_owner and not torch.equal(b, old)})
+            leaves, spec = tree_flatten(h)
+            outputs.append((spec, [(t.shape[1:], t.dtype) for t in leaves if t is not None]))
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return flops, param_owner, buffer_owner, outputs
+
+
+def balanced_cuts(costs, parts):
+    """The first index of every part but the first, cutting `costs` into `parts` contiguous
+    non-empty runs whose largest total is as small as possible (exact, by dynamic programming)."""
+    n, prefix = len(costs), np.concatenate([[0.0], np.cumsum(costs)])
+    best = {(0, 0): (0.0, [])}  # (parts used, items used) -> (largest total, cuts)
+    for p in range(1, parts + 1):
+        for end in range(p, n - (parts - p) + 1):
+            best[p, end] = min((max(best[p - 1, start][0], prefix[end] - prefix[start]), best[p - 1, start][1] + [start])
+                               for start in range(p - 1, end) if (p - 1, start) in best)
+    return best[parts, n][1][1:]
+
+
+class Pipeline:
+    """Module-parallel training: the K modules cut into P contiguous stages, stage s trained by
+    process s. No gradient crosses a module boundary, so a stage needs from the previous one only
+    the detached output of its last module (point-to-point messages of torch.distributed); it
+    draws the batch itself (the same deterministic batch on every stage), steps the parameters
+    its modules own and sends its output on while the next stage still works on the previous
+    batch (at most DEPTH batches in flight). Module j's update depends only on its input and its
+    own loss, so the run equals the sequential one. At the end of every epoch each stage sends
+    its parameters, buffers and momentum to the others, so every process holds the whole model
+    for evaluation and checkpoints (the same as a sequential run's)."""
+    DEPTH = 2
+
+    def __init__(self, run, model, data, modules, step):
+        k, parts, args = len(modules), run.world, run.args
+        if parts > k:
+            die(f"--pipeline over {parts} processes needs at least {parts} modules, and this run has {k}; use "
+                f"fewer processes (--nproc_per_node) or a larger --k")
+        flops, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args, run.device)
+        cuts = args.pipeline_cuts or balanced_cuts(flops, parts)
+        if len(cuts) != parts - 1 or list(cuts) != sorted(set(cuts)) or not 0 < cuts[0] <= cuts[-1] < k:
+            die(f"--pipeline-cuts needs {parts - 1} increasing module indices from 1 to {k - 1} (the first module "
+                f"of every stage after the first), got {' '.join(map(str, cuts))}")
+        bounds = [0, *cuts, k]
+        self.stages = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        self.stage, self.last, self.device, self.run = run.rank, parts - 1, run.device, run
+        self.own = self.stages[self.stage]
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.momentum = args.momentum > 0
+        stage_of = {i: s for s, stage in enumerate(self.stages) for i in stage}
+        params, buffers = list(model.parameters()), list(model.buffers())
+        self.params = [[p for j, p in enumerate(params) if stage_of.get(param_owner.get(j)) == s] for s in range(parts)]
+        self.buffers = [[b for j, b in enumerate(buffers) if stage_of.get(buffer_owner.get(j)) == s] for s in range(parts)]
+        self.share = [sum(flops[i] for i in stage) / max(1, sum(flops)) for stage in self.stages]
+        self.modules, self.pending = modules, collections.deque()
+        if run.main:
+            print("pipeline: " + "; ".join(f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
+                                           f"{modules[st.stop - 1][-1]}), {share:.0%} of the training FLOPs"
+                                           for s, (st, share) in enumerate(zip(self.stages, self.share))), flush=True)
+
+    def receive(self, x, batch):
+        if self.stage == 0:
+            return x
+        spec, leaves = self.outputs[self.own.start - 1]
+        tensors = [torch.empty((batch, *shape), dtype=dtype, device=self.device) for shape, dtype in leaves]
+        for t in tensors:
+            dist.recv(t, self.stage - 1)
+        tensors = [t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t for t in tensors]
+        return tree_unflatten(tensors, spec)
+
+    def send(self, h):
+        if self.stage == self.last:
+            return
+        tensors = [t.contiguous() for t in tree_flatten(h)[0]]
+        self.pending.append(([dist.isend(t, self.stage + 1) for t in tensors], tensors))  # keep them alive
+        while len(self.pending) > self.DEPTH:
+            self._wait_oldest()
+
+    def _wait_oldest(self):
+        for work in self.pending.popleft()[0]:
+            work.wait()
+
+    def flush(self):
+        while self.pending:
+            self._wait_oldest()
+
+    def sync(self, opt):
+        """Every stage's parameters, buffers and momentum buffers to every process."""
+        self.flush()
+        for s in range(len(self.stages)):
+            tensors = [p.data for p in self.params[s]] + self.buffers[s]
+            if self.momentum:  # the other stages never stepped these: give them the owner's momentum
+                for p in self.params[s]:
+                    if opt.state[p].get("momentum_buffer") is None:
+                        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    tensors.append(opt.state[p]["momentum_buffer"])
+            for dtype in {t.dtype for t in tensors}:
+                group = [t for t in tensors if t.dtype == dtype]
+                flat = torch.cat([t.reshape(-1) for t in group])
+                dist.broadcast(flat, s)
+                for t, new in zip(group, flat.split([t.numel() for t in group])):
+                    t.copy_(new.view_as(t))
+
+    def report(self, act_mem_bytes):
+        """Per stage: its modules, its share of the training FLOPs and its activation memory."""
+        mem = torch.tensor([float(act_mem_bytes or 0)], device=self.device)
+        gathered = [torch.empty_like(mem) for _ in self.stages]
+        dist.all_gather(gathered, mem)
+        return [{"modules": list(stage), "flops_share": round(share, 4), "act_mem_bytes": int(m.item())}
+                for stage, share, m in zip(self.stages, self.share, gathered)]
+
+
+# ----------------------------------------------------------------------------------------------
 # A run: device and torchrun setup, outputs, checkpoints, metrics and the summary.
 # ----------------------------------------------------------------------------------------------
 
@@ -621,7 +840,13 @@ class Run:
         if self.world > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
-        if args.batch_size % self.world:
+        if args.pipeline and self.world < 2:
+            die("--pipeline trains one stage per process: launch the script with torchrun --nproc_per_node=P "
+                "(P >= 2 stages)")
+        # Data parallelism splits every batch over the processes; pipeline stages all see the whole batch.
+        self.replicas = 1 if args.pipeline else self.world
+        self.data_rank = 0 if args.pipeline else self.rank
+        if args.batch_size % self.replicas:
             die(f"--batch-size {args.batch_size} does not split over {self.world} processes; use a multiple")
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -632,6 +857,8 @@ class Run:
         self.process_steps, self.timed_images, self.timed_s, self._t0 = 0, 0, 0.0, None
         self.peak_mem_bytes = self.peak_reserved_bytes = None
         self.mem_base = 0
+        self.step, self.k, self.stage_modules, self.pipeline = None, None, None, None
+        self.clock_start, self.elapsed_before = time.perf_counter(), 0.0  # wall time, across resumes
         self._prepare_out()
 
     def _prepare_out(self):
@@ -655,12 +882,18 @@ class Run:
             atomic_write_text(saved, json.dumps(vars(args), indent=2) + "\n")
 
     # -- model state ----------------------------------------------------------------------------
-    def start(self, model, opt, data):
-        """Resume from the checkpoint if asked, apply --channels-last and --compile, and remember
-        the resident data for memory accounting. Returns the epochs still to train."""
+    def start(self, model, opt, data, modules, step):
+        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1, cut them into pipeline
+        stages with --pipeline, resume from the checkpoint if asked, apply --channels-last and
+        --compile, and remember the resident data for memory accounting. Returns the epochs still
+        to train."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.mem_base = data.resident_bytes
+        self.step, self.k, self.stage_modules = step, len(modules), range(len(modules))
+        if self.args.pipeline:
+            self.pipeline = Pipeline(self, model, data, modules, step)
+            self.stage_modules = self.pipeline.own
         self.act_meter = SavedTensorMeter(model.parameters())
         if self.args.resume:
             ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
@@ -668,6 +901,7 @@ class Run:
             opt.load_state_dict(ckpt["optimizer"])
             self.start_epoch, self.steps, self.best_acc = ckpt["epoch"] + 1, ckpt["steps"], ckpt["best_test_acc"]
             self.acc = ckpt["test_acc"]
+            self.elapsed_before = ckpt.get("elapsed_s", 0.0)
             if self.main:  # drop metrics of work after the checkpoint (a run stopped mid-epoch)
                 with open(self.metrics_path) as f:
                     lines = [l for l in f if json.loads(l)["epoch"] <= ckpt["epoch"]]
@@ -702,12 +936,22 @@ class Run:
         self.process_steps += 1
         self.steps += 1
         if self._t0 is not None:
-            self.timed_images += batch * self.world
+            self.timed_images += batch * self.replicas
+
+    def receive(self, x, batch):
+        """The input of this process's first module: the batch itself, or with --pipeline what the
+        previous stage sent for it."""
+        return x if self.pipeline is None else self.pipeline.receive(x, batch)
+
+    def send(self, h):
+        """Pass the detached output of this process's last module to the next stage, if any."""
+        if self.pipeline is not None:
+            self.pipeline.send(h)
 
     def average_gradients(self, params):
         """All-reduce every gradient (one flat buffer) after the local backwards: data parallelism
         over all modules at once, with no DDP wrapper to tangle with the per-module backwards."""
-        if self.world == 1:
+        if self.replicas == 1:
             return
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -716,8 +960,11 @@ class Run:
         for g, new in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(new.view_as(g))
 
-    def sync_buffers(self, model):
-        """Average BatchNorm running statistics over ranks so every rank holds the same model."""
+    def sync_model(self, model, opt):
+        """End of an epoch's training: every rank gets the same model. Data parallel: average the
+        BatchNorm running statistics; pipelined: each stage sends what it trained to the others."""
+        if self.pipeline is not None:
+            return self.pipeline.sync(opt)
         if self.world == 1:
             return
         for b in model.buffers():
@@ -744,6 +991,8 @@ class Run:
 
     def pause_clock(self):
         """End of an epoch's training: stop timing, read the CUDA peak of the training steps."""
+        if self.pipeline is not None:
+            self.pipeline.flush()  # the epoch ends when the next stage has this stage's last output
         self._sync()
         if self._t0 is not None:
             self.timed_s += time.perf_counter() - self._t0
@@ -766,15 +1015,21 @@ class Run:
         """Log the epoch; checkpoint it unless --steps cut it short (a checkpoint is always a
         whole number of epochs, so resuming continues exactly)."""
         self.acc, self.best_acc = test["test_acc"], max(self.best_acc, test["test_acc"])
-        line = {"epoch": epoch, "lr": lr, **train, **test, "best_test_acc": self.best_acc, "steps": self.steps}
+        line = {"epoch": epoch, "lr": lr, **train, **test, "best_test_acc": self.best_acc, "steps": self.steps,
+                "elapsed_s": round(self.elapsed_s(), 3)}
         if self.main:
             print(json.dumps(line), flush=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             if not self.interrupted:
                 ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "steps": self.steps, "best_test_acc": self.best_acc, "test_acc": self.acc}
+                        "steps": self.steps, "best_test_acc": self.best_acc, "test_acc": self.acc,
+                        "elapsed_s": self.elapsed_s()}
                 atomic_save(ckpt, self.ckpt_path)
+
+    def elapsed_s(self):
+        """Wall time of the run so far, the segments before a resume included."""
+        return self.elapsed_before + time.perf_counter() - self.clock_start
 
     def finish(self, model, modules):
         params = {"backbone": count_params(model["net"]), "aux": count_params(model["aux"])}
@@ -789,8 +1044,10 @@ class Run:
             "act_mem_bytes": self.act_mem_bytes,
             "images_per_s": self.timed_images / self.timed_s if self.timed_s > 0 else None,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
+            "torch": torch.__version__, "elapsed_s": round(self.elapsed_s(), 3),
         }
+        if self.pipeline is not None:
+            summary["stages"] = self.pipeline.report(self.act_mem_bytes)
         if self.world > 1:
             summary["rank_max_abs_diff"] = self.rank_divergence(model)
         if self.main:
@@ -824,50 +1081,63 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
-def train_epoch(run, args, data, model, opt, epoch, train_step):
-    """One epoch of `train_step(x, y) -> (final loss, logits)`, which does the method's forward and
-    its per-module backwards; then gradients are averaged over ranks and one optimizer step is
-    taken. Statistics stay on the device until the epoch ends."""
+def train_epoch(run, args, data, model, opt, epoch, step):
+    """One epoch: on every batch the method's local step of each module this process trains (all
+    of them, or its pipeline stage's), each module's loss back-propagated at once; then gradients
+    are averaged over data-parallel ranks and one optimizer step is taken. Statistics stay on the
+    device until the epoch ends."""
     lr = lr_at(epoch, args)
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
-    stats = torch.zeros(3, device=run.device)  # loss sum, correct, seen
+    meter = ModuleMeter(run.k, run.device)
     run.resume_clock()
     run.interrupted = False
-    for x, y in data.train_batches(epoch, args.batch_size, args.seed, run.rank, run.world):
+    for x, y in data.train_batches(epoch, args.batch_size, args.seed, run.data_rank, run.replicas):
         if run.done():
             run.interrupted = True
             break
         run.before_step()
         opt.zero_grad(set_to_none=True)
         with run.activation_hooks(), autocast(args, run.device):
-            loss, logits = train_step(x, y)
+            h, losses, logits = run_modules(step, run.stage_modules, run.receive(x, len(y)), x, y)
+            run.send(h)
         run.average_gradients(model.parameters())
         opt.step()
         run.after_step(len(y))
-        stats += torch.stack([loss.float() * len(y), (logits.argmax(1) == y).sum().float(),
-                              torch.tensor(float(len(y)), device=run.device)])
+        meter.add(run.stage_modules, losses, logits, y)
     run.pause_clock()
-    run.sync_buffers(model)
-    loss_sum, correct, seen = run.all_sum(stats).tolist()
-    if not math.isfinite(loss_sum):
-        die(f"the training loss became {loss_sum} in epoch {epoch}; lower --lr (it was {lr:.4g}) "
+    run.sync_model(model, opt)
+    train = meter.result(run)
+    if train["train_loss"] is not None and not math.isfinite(train["train_loss"]):
+        die(f"the training loss became {train['train_loss']} in epoch {epoch}; lower --lr (it was {lr:.4g}) "
             f"or check the data. The last good checkpoint is {run.ckpt_path}")
-    return lr, {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+    return lr, train
 
 
 @torch.no_grad()
 def evaluate(run, args, data, model, predict):
     """Top-1 (and top-5) accuracy of `predict` (the backbone and its head, unless the method's
-    inference network has more) on the test split, sharded over ranks."""
+    inference network has more) on the test split, sharded over ranks. With --module-acc also the
+    test accuracy of every module's auxiliary classifier (the local steps' forward, no backward)."""
     model.eval()
     counts = torch.zeros(3, device=run.device)  # top-1 right, top-5 right, seen
+    module_right, classifies = torch.zeros(run.k, device=run.device), [False] * run.k
     for x, y in data.test_batches(args.batch_size, run.rank, run.world):
         with autocast(args, run.device):
             logits = predict(x)
+            if args.module_acc:
+                _, _, scores = run_modules(run.step, range(run.k - 1), x, x, y, backward=False)
+                for i, s in enumerate(scores):
+                    if s is not None:
+                        module_right[i] += (s.argmax(1) == y).sum()
+                        classifies[i] = True
         top5 = (logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]).any(1)
         counts += torch.stack([(logits.argmax(1) == y).sum().float(), top5.sum().float(),
                                torch.tensor(float(len(y)), device=run.device)])
     top1, top5, seen = run.all_sum(counts).tolist()
-    return {"test_acc": top1 / seen, "test_top5": top5 / seen}
+    test = {"test_acc": top1 / seen, "test_top5": top5 / seen}
+    if args.module_acc:
+        right = run.all_sum(module_right).tolist()
+        test["module_test_acc"] = [r / seen if c else None for r, c in zip(right[:-1], classifies)] + [top1 / seen]
+    return test

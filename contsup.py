@@ -168,14 +168,14 @@ class LocalLoss(nn.Module):
 
     def forward(self, h, x, y):
         out = self.head(h)
-        task = supcon_loss(out, y) if self.loss == "contrast" else F.cross_entropy(out, y)
+        task, logits = (supcon_loss(out, y), None) if self.loss == "contrast" else (F.cross_entropy(out, y), out)
         if self.decoder is None:
-            return task
+            return task, logits
         image = self.decoder(h).float()
         target = (x.detach().float() * self.std + self.mean).clamp(0, 1)
         with torch.autocast(h.device.type, enabled=False):  # BCE is not autocast-safe
             bce = F.binary_cross_entropy(image, target)
-        return self.weights[0] * bce + self.weights[1] * task
+        return self.weights[0] * bce + self.weights[1] * task, logits
 
 
 def image_encoder(channels, size, stride=1, hidden=12):
@@ -290,20 +290,22 @@ def build_aux(args, net, modules, data):
     return common.init_weights(nn.ModuleDict({"local": local, "context": context}))
 
 
-def train_step(net, modules, aux, args, x, y):
-    """Per module: forward, local loss on the raw output and its backward at once, then the context
-    node builds the next module's input from the detached output. The last module trains on the head
-    (and so do the encoders of the last node)."""
+def local_step(net, modules, aux, args, i, h, x, y):
+    """Module i: context node i-1 builds its input from h = (module i-1's detached raw output, the
+    R sources), so node i-1's encoders train with module i's loss; then the forward and the local
+    loss on the raw output, before any context is added (the last module: the network head's CE).
+    Returns (raw output, R sources), the loss and the head's logits (None for SupCon);
+    common.run_modules back-propagates the loss at once and detaches the output."""
     local, context = aux["local"], aux["context"]
-    h, sources = x, context.sources(x)
-    for i, layers in enumerate(modules[:-1]):
-        h = net.run(layers, h)
-        local[i](h, x, y).backward()
-        h, sources = context(i, h, x, sources)
-    logits = net.head(net.run(modules[-1], h))
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    return loss.detach(), logits.detach()
+    if i == 0:
+        h, sources = x, context.sources(x)
+    else:
+        h, sources = context(i - 1, h[0], x, h[1])
+    out = net.run(modules[i], h)
+    if i == len(local):
+        logits = net.head(out)
+        return (out, sources), F.cross_entropy(logits, y), logits
+    return (out, sources), *local[i](out, x, y)
 
 
 def predict(net, modules, context, x):
@@ -326,8 +328,8 @@ def main(argv=None):
     aux = build_aux(args, net, modules, data).to(run.device)
     model = nn.ModuleDict({"net": net, "aux": aux["local"], "context": aux["context"]})
     opt = common.make_optimizer(args, model)
-    step = functools.partial(train_step, net, modules, aux, args)
-    for epoch in run.start(model, opt, data):
+    step = functools.partial(local_step, net, modules, aux, args)
+    for epoch in run.start(model, opt, data, modules, step):
         lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
         test = common.evaluate(run, args, data, model, functools.partial(predict, net, modules, aux["context"]))
         run.end_epoch(epoch, lr, train, test, model, opt)

@@ -186,8 +186,9 @@ class LocalLoss(nn.Module):
     def forward(self, h, x, y):
         reconstruction = F.binary_cross_entropy_with_logits(self.decoder(h), x * self.std + self.mean)
         out = self.head(h)
-        task = supcon_loss(out, y) if self.loss == "contrast" else F.cross_entropy(out, y)
-        return self.ixx * reconstruction + self.ixy * task  # a zero weight still runs its net
+        if self.loss == "contrast":
+            return self.ixx * reconstruction + self.ixy * supcon_loss(out, y), None
+        return self.ixx * reconstruction + self.ixy * F.cross_entropy(out, y), out  # a zero weight still runs its net
 
 
 def loss_mode(value):
@@ -244,17 +245,15 @@ def build_aux(args, net, modules, data):
     return common.init_weights(nn.ModuleList(aux))
 
 
-def train_step(net, modules, aux, args, x, y):
-    """Per module: forward, InfoPro loss backward at once, detach. The last module trains on the head."""
-    h = x
-    for layers, local in zip(modules[:-1], aux):
-        h = net.run(layers, h)
-        local(h, x, y).backward()
-        h = h.detach()
-    logits = net.head(net.run(modules[-1], h))
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    return loss.detach(), logits.detach()
+def local_step(net, modules, aux, args, i, h, x, y):
+    """Module i on its input h: its output, its InfoPro loss and its head's logits (None for
+    SupCon); the last module: the network head's cross-entropy. common.run_modules back-propagates
+    the loss at once and detaches the output before module i+1."""
+    h = net.run(modules[i], h)
+    if i == len(aux):
+        logits = net.head(h)
+        return h, F.cross_entropy(logits, y), logits
+    return h, *aux[i](h, x, y)
 
 
 # ================================= END METHOD =====================================================
@@ -269,8 +268,8 @@ def main(argv=None):
     aux = build_aux(args, net, modules, data).to(run.device)
     model = nn.ModuleDict({"net": net, "aux": aux})
     opt = common.make_optimizer(args, model)
-    step = functools.partial(train_step, net, modules, aux, args)
-    for epoch in run.start(model, opt, data):
+    step = functools.partial(local_step, net, modules, aux, args)
+    for epoch in run.start(model, opt, data, modules, step):
         lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
         test = common.evaluate(run, args, data, model, net)
         run.end_epoch(epoch, lr, train, test, model, opt)

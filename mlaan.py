@@ -351,39 +351,31 @@ def update_ema(net, aux, decay):
     torch._foreach_add_(ema, backbone, alpha=1.0 - decay)
 
 
-def window_step(net, modules, window, i, c, u, x, y):
-    """Window i: modules i-c+1..i from u (the detached input of the first), leap path and cascaded
-    loss; module i alone on the detached output of module i-1 for the independent loss; one
-    backward. Returns the detached output of the window's first module, the next window's input."""
+def local_step(net, modules, aux, args, i, u, x, y):
+    """Step i trains the window that ends at module i (there is none before module c-1, c modules
+    per window), from u, the detached input of the window's first module: modules i-c+1..i, leap
+    path and cascaded loss, plus module i alone on the detached output of module i-1 for the
+    independent loss. Returns the detached output of the window's first module (the next window's
+    input) and the window's loss; common.run_modules back-propagates it at once. The last window
+    trains on the network's head (on ImageNet mixed 0.999 : 0.001 with module K-1 alone on its
+    detached input, as the official ImageNet code); then the EMA copies follow the backbone (its
+    weights before the update, which the backward does not change)."""
+    c = len(modules) - len(aux)  # modules per window: the windows end at modules c-1..K-2
+    if i < c - 1:
+        return u, None, None
     h = net.run(modules[i - c + 1], u)
     first = h.detach()
     for j in range(i - c + 2, i):
         h = net.run(modules[j], h)
-    own = net.run(modules[i], h.detach())
-    window(own, net.run(modules[i], h), x, y).backward()
-    return first
-
-
-def train_step(net, modules, aux, args, x, y):
-    """The windows in order, each back-propagated at once; the last window trains on the network's
-    head (on ImageNet mixed 0.999 : 0.001 with module K-1 alone on its detached input, as the
-    official ImageNet code); then the EMA copies follow the backbone (its weights before the update)."""
-    c = len(modules) - len(aux)  # modules per window: the windows end at modules c-1..K-2
-    u = x
-    for i, window in enumerate(aux, start=c - 1):
-        u = window_step(net, modules, window, i, c, u, x, y)
-    h = u
-    for layers in modules[-c:-1]:
-        h = net.run(layers, h)
-    logits = net.head(net.run(modules[-1], h))
+    if i < len(modules) - 1:
+        own = net.run(modules[i], h.detach())
+        return first, aux[i - c + 1](own, net.run(modules[i], h), x, y), None
+    logits = net.head(net.run(modules[i], h))
     loss = F.cross_entropy(logits, y)
     if args.arch in common.IMAGENET_ARCHS:
-        own = F.cross_entropy(net.head(net.run(modules[-1], h.detach())), y)
-        (W_CASCADE * loss + W_OWN * own).backward()
-    else:
-        loss.backward()
+        loss = W_CASCADE * loss + W_OWN * F.cross_entropy(net.head(net.run(modules[i], h.detach())), y)
     update_ema(net, aux, args.ema_decay)
-    return loss.detach(), logits.detach()
+    return first, loss, logits
 
 
 # ================================= END METHOD =====================================================
@@ -391,7 +383,9 @@ def train_step(net, modules, aux, args, x, y):
 
 def main(argv=None):
     args = common.parse_args(argv, __doc__, "mlaan", k=16, epochs=400, add_method_args=method_args,
-                             imagenet=dict(epochs=150, batch_size=128, lr=0.05))
+                             imagenet=dict(epochs=150, batch_size=128, lr=0.05),
+                             no_pipeline="its windows span several modules and its leap paths hold EMA "
+                             "copies of deeper blocks, so stages would exchange gradients and weights")
     run = common.Run(args)
     data = common.load_data(args, run.device)
     net = common.build_backbone(args, data, run.device)
@@ -399,8 +393,8 @@ def main(argv=None):
     aux = build_aux(args, net, modules, data).to(run.device)
     model = nn.ModuleDict({"net": net, "aux": aux})
     opt = common.make_optimizer(args, model)
-    step = functools.partial(train_step, net, modules, aux, args)
-    for epoch in run.start(model, opt, data):
+    step = functools.partial(local_step, net, modules, aux, args)
+    for epoch in run.start(model, opt, data, modules, step):
         lr, train = common.train_epoch(run, args, data, model, opt, epoch, step)
         test = common.evaluate(run, args, data, model, net)
         run.end_epoch(epoch, lr, train, test, model, opt)

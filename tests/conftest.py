@@ -1,4 +1,5 @@
 """Helpers shared by the tests: run a method script in-process on a small synthetic run."""
+import functools
 import importlib
 import json
 import os
@@ -42,6 +43,13 @@ def build_method(name, *argv, data=None):
     return args, data, net, modules, script.build_aux(args, net, modules, data)
 
 
+def train_step(script, net, modules, aux, args, x, y):
+    """One batch through every module of `script` (a module or its name) in this process."""
+    script = importlib.import_module(script) if isinstance(script, str) else script
+    step = functools.partial(script.local_step, net, modules, aux, args)
+    return importlib.import_module("common").train_step(step, len(modules), x, y)
+
+
 def module_params(net, layers):
     return [p for i in layers for p in net.layers[i].parameters()]
 
@@ -50,7 +58,7 @@ def assert_greedy_gradients(name, args, net, modules, aux, x, y):
     """After one step of a greedy method (one CE head per module), every module and its head hold
     exactly the gradient of that head's loss on the module's detached input."""
     torch.manual_seed(1)
-    importlib.import_module(name).train_step(net, modules, aux, args, x, y)
+    train_step(name, net, modules, aux, args, x, y)
     h = x
     for k, layers in enumerate(modules):
         head = aux[k] if k < len(aux) else net.head

@@ -11,7 +11,7 @@ import bp
 import common
 import dgl
 from conftest import (QUICK, ROOT, assert_greedy_gradients, build_method, checkpoint_state, module_params, read_json,
-                      read_jsonl, run_script)
+                      read_jsonl, run_script, train_step)
 
 
 def build(k, arch="resnet32", seed=0):
@@ -49,7 +49,7 @@ def test_no_gradient_crosses_a_module_boundary():
     def grads():
         for p in [*net.parameters(), *aux.parameters()]:
             p.grad = None
-        dgl.train_step(net, modules, aux, args, x, y)
+        train_step(dgl, net, modules, aux, args, x, y)
         return [[p.grad.clone() for p in module_params(net, m)] for m in modules]
     before = grads()
     with torch.no_grad():  # perturb the heads of modules 2 and 3 (the final one included)
@@ -77,7 +77,7 @@ def test_per_module_backward_is_what_saves_memory():
         sum(losses).backward()
 
     peaks = {}
-    for name, step in (("local", lambda: dgl.train_step(net, modules, aux, args, x, y)), ("summed", lambda: summed(x, y))):
+    for name, step in (("local", lambda: train_step(dgl, net, modules, aux, args, x, y)), ("summed", lambda: summed(x, y))):
         meter = common.SavedTensorMeter([*net.parameters(), *aux.parameters()])
         with meter.hooks():
             step()
@@ -101,7 +101,7 @@ def test_grad_checkpoint_gives_the_same_gradients():
         args.grad_checkpoint = n
         for p in net.parameters():
             p.grad = None
-        bp.train_step(net, [list(range(16))], None, args, x, y)
+        train_step(bp, net, [list(range(16))], None, args, x, y)
         results.append([p.grad.clone() for p in net.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import contsup
-from conftest import QUICK, build_method, module_params, run_script
+from conftest import QUICK, build_method, module_params, run_script, train_step
 
 
 @functools.cache
@@ -73,7 +73,7 @@ def test_r0_step_is_plain_greedy_training(loss):
     the same 1c2f heads; inference is the plain backbone."""
     args, data, net, modules, aux = build(4, "--context", "R0", "--loss", loss)
     x, y = batch(data)
-    contsup.train_step(net, modules, aux, args, x, y)
+    train_step(contsup, net, modules, aux, args, x, y)
     h = x
     for k, layers in enumerate(modules):
         out = net.run(layers, h.detach())
@@ -100,7 +100,7 @@ def test_each_loss_trains_its_module_and_the_encoders_feeding_it(mode):
     module through a context path, and the encoders of node k learn only from module k+1's loss."""
     args, data, net, modules, aux = build(4, "--context", mode)
     x, y = batch(data)
-    contsup.train_step(net, modules, aux, args, x, y)
+    train_step(contsup, net, modules, aux, args, x, y)
     nodes, seen = aux["context"].nodes, set()
     inputs = [x]  # in_0 .. in_k
     for k, layers in enumerate(modules):
@@ -137,7 +137,7 @@ def test_no_gradient_reaches_an_earlier_module_through_the_context():
     def grads(params):
         for p in [*net.parameters(), *aux.parameters()]:
             p.grad = None
-        contsup.train_step(net, modules, aux, args, x, y)
+        train_step(contsup, net, modules, aux, args, x, y)
         return [p.grad.clone() for p in params]
     before = grads(early + later)
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_no_gradient_reaches_an_earlier_module_through_the_context():
 def test_inference_uses_the_context():
     args, data, net, modules, aux = build(4, "--context", "R1E")
     x, y = batch(data, 8)
-    _, logits = contsup.train_step(net, modules, aux, args, x, y)
+    _, logits = train_step(contsup, net, modules, aux, args, x, y)
     with torch.no_grad():  # the same forward as in training
         torch.testing.assert_close(contsup.predict(net, modules, aux["context"], x), logits)
     net.eval(), aux.eval()
@@ -195,7 +195,7 @@ def test_reconstruct_adds_the_weighted_decoder_term():
     h = net.run(modules[0], x)
     image = x * 0.5 + 0.5  # synthetic is normalised with mean = std = 0.5
     expected = 2 * F.binary_cross_entropy(local.decoder(h), image) + 3 * supcon_reference(local.head(h), y)
-    torch.testing.assert_close(local(h, x, y), expected)
+    torch.testing.assert_close(local(h, x, y)[0], expected)
 
 
 def test_loss_weights_follow_the_official_table():
@@ -228,7 +228,7 @@ def test_memory_stays_local_with_context():
     args, data, net, modules, aux = build(4, "--context", "R1E")
     x, y = batch(data, 32)
     peaks = {}
-    for name, step in (("contsup", lambda: contsup.train_step(net, modules, aux, args, x, y)),
+    for name, step in (("contsup", lambda: train_step(contsup, net, modules, aux, args, x, y)),
                        ("bp", lambda: F.cross_entropy(net(x), y).backward())):
         meter = common.SavedTensorMeter([*net.parameters(), *aux.parameters()])
         with meter.hooks():

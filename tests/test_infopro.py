@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import common
 import infopro
-from conftest import QUICK, build_method, checkpoint_state, run_script
+from conftest import QUICK, build_method, checkpoint_state, run_script, train_step
 
 
 def build(k=4, arch="resnet32", *extra):
@@ -144,7 +144,7 @@ def module_params(net, layers):
 def test_each_module_gets_exactly_the_gradient_of_its_own_local_loss(loss):
     args, data, net, modules, aux = build(4, "resnet32", "--loss", loss)
     x, y = batch(data)
-    infopro.train_step(net, modules, aux, args, x, y)
+    train_step(infopro, net, modules, aux, args, x, y)
     target = x * data.std + data.mean
     h = x
     for k, layers in enumerate(modules):
@@ -174,13 +174,13 @@ def test_per_module_backward_is_what_saves_memory():
         losses, h = [], x
         for layers, local in zip(modules[:-1], aux):
             h = net.run(layers, h)
-            losses.append(local(h, x, y))
+            losses.append(local(h, x, y)[0])
             h = h.detach()
         losses.append(F.cross_entropy(net.head(net.run(modules[-1], h)), y))
         sum(losses).backward()
 
     peaks = {}
-    for name, step in (("local", lambda: infopro.train_step(net, modules, aux, args, x, y)), ("summed", summed)):
+    for name, step in (("local", lambda: train_step(infopro, net, modules, aux, args, x, y)), ("summed", summed)):
         meter = common.SavedTensorMeter([*net.parameters(), *aux.parameters()])
         with meter.hooks():
             step()
@@ -218,7 +218,7 @@ def test_every_loss_falls_when_fitting_one_batch():
     before = losses()
     for _ in range(40):
         opt.zero_grad()
-        infopro.train_step(net, modules, aux, args, x, y)
+        train_step(infopro, net, modules, aux, args, x, y)
         opt.step()
     after = losses()
     assert all(a < 0.9 * b for a, b in zip(after[0:6:2], before[0:6:2])), (before, after)  # reconstruction

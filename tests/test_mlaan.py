@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import common
 import mlaan
-from conftest import QUICK, build_method, checkpoint_state, module_params, run_script
+from conftest import QUICK, build_method, checkpoint_state, module_params, run_script, train_step
 
 
 def build(k, base="plain", arch="resnet32", *extra):
@@ -146,7 +146,7 @@ def test_gradients_are_those_of_the_windows(base, k):
     args, data, net, modules, aux = build(k, base)
     x, y = batch(data, size=32 if base == "infopro" else 16)  # the decoders reconstruct the full image
     params, expected = reference_gradients(net, modules, aux, base, x, y)
-    mlaan.train_step(net, modules, aux, args, x, y)
+    train_step(mlaan, net, modules, aux, args, x, y)
     for p, g in zip(params, expected):
         assert p.grad is not None
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
@@ -166,7 +166,7 @@ def test_imagenet_gradients_are_those_of_the_official_imagenet_model(base):
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, data.num_classes, (4,))
     params, expected = reference_gradients(net, modules, aux, base, x, y, imagenet=True)
-    mlaan.train_step(net, modules, aux, args, x, y)
+    train_step(mlaan, net, modules, aux, args, x, y)
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
@@ -246,7 +246,7 @@ def test_who_gets_which_gradient():
     def grads():
         for p in (*net.parameters(), *aux.parameters()):
             p.grad = None
-        mlaan.train_step(net, modules, aux, args, x, y)
+        train_step(mlaan, net, modules, aux, args, x, y)
         return {name: [p.grad.clone() for p in ps] for name, ps in groups.items()}
 
     before = grads()
@@ -286,7 +286,7 @@ def test_ema_copies_follow_the_backbone_and_take_no_gradient():
     ema = [[p.clone() for p in w.ema.parameters()] for w in aux]
     backbone = [[p.clone() for p in net.layers[w.ema_source].parameters()] for w in aux]
     x, y = batch(data)
-    mlaan.train_step(net, modules, aux, args, x, y)
+    train_step(mlaan, net, modules, aux, args, x, y)
     for w, before, target in zip(aux, ema, backbone):
         for p, e, t in zip(w.ema.parameters(), before, target):
             torch.testing.assert_close(p, 0.9 * e + 0.1 * t, rtol=0, atol=1e-6)

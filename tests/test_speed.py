@@ -7,7 +7,7 @@ import torch
 
 import common
 import dgl
-from conftest import QUICK, ROOT, run_script
+from conftest import QUICK, ROOT, run_script, train_step
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench  # noqa: E402
@@ -32,7 +32,7 @@ def test_bf16_channels_last_step_matches_fp32():
         x, y = next(data.train_batches(1, 32, 0))
         assert x.is_contiguous(memory_format=torch.channels_last) == args.channels_last
         with common.autocast(args, torch.device("cpu")):
-            loss, logits = dgl.train_step(net, modules, aux, args, x, y)
+            loss, logits = train_step(dgl, net, modules, aux, args, x, y)
         losses[flags] = loss.float().item()
         grads = [p.grad for p in net.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
