@@ -3,12 +3,18 @@
 The same backbone, data and protocol as the local methods, trained as one module (K=1): one
 forward, one cross-entropy on the head, one backward. `--grad-checkpoint N` recomputes the forward
 of N segments during backward instead of storing their activations (gradient checkpointing, Chen
-et al. 2016), the memory baseline of InfoPro's Table 3.
+et al. 2016), the memory baseline of InfoPro's Table 3. The recomputed forward leaves BatchNorm's
+running statistics alone (they are put back after it), so the trained model is the same with and
+without checkpointing.
+
+Epochs: the default 160 is the InfoPro protocol, that of InfoPro's and ContSup's end-to-end rows;
+`--epochs 400` is AugLocal's and MLAAN's, whose codes train their BP baselines for 400 epochs.
 
     python bp.py --dataset synthetic --arch resnet32                 # CPU, a few minutes
     python bp.py --dataset cifar10 --arch resnet110 --grad-checkpoint 4
     torchrun --nproc_per_node=2 bp.py --dataset cifar10 --arch resnet32
 """
+import contextlib
 import functools
 
 import torch.nn as nn
@@ -41,13 +47,32 @@ def checkpoint_segments(layers, n):
     return [[layers[i] for i in seg] for seg in common.modules_from_cuts(cuts, len(layers))]
 
 
+@contextlib.contextmanager
+def buffers_restored(net, layers):
+    """Put back the buffers of the layers (BatchNorm's running statistics and num_batches_tracked)
+    when the block ends: the forward recomputed in backward must not count the batch twice."""
+    buffers = [b for i in layers for b in net.layers[i].buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:  # checkpoint may end the recomputation early, by an exception
+        for b, before in zip(buffers, saved):
+            b.copy_(before)
+
+
+def checkpoint_contexts(net, layers):
+    """checkpoint's context_fn: the forward as usual, the recomputation leaves the buffers as they were."""
+    return contextlib.nullcontext(), buffers_restored(net, layers)
+
+
 def train_step(net, modules, aux, args, x, y):
     """Forward through every layer, CE on the head, one backward."""
     (layers,) = modules
     if args.grad_checkpoint:
         h = x
         for segment in checkpoint_segments(tuple(layers), args.grad_checkpoint):
-            h = checkpoint(net.run, segment, h, use_reentrant=False)
+            h = checkpoint(net.run, segment, h, use_reentrant=False,
+                           context_fn=functools.partial(checkpoint_contexts, net, segment))
     else:
         h = net.run(layers, x)
     logits = net.head(h)

@@ -1,4 +1,5 @@
 """bp.py and dgl.py: the local step, isolation, memory, outputs, resume, torchrun, learning."""
+import copy
 import os
 import subprocess
 import sys
@@ -93,18 +94,20 @@ def test_dgl_activation_memory_well_below_bp(tmp_path):
     assert k16["act_mem_bytes"] < dgl_summary["act_mem_bytes"]
 
 
-def test_grad_checkpoint_gives_the_same_gradients():
+def test_grad_checkpoint_gives_the_same_gradients_and_batchnorm_statistics():
+    """The forward recomputed in backward must not update BatchNorm's running statistics again."""
     args, data, net, modules, _ = build(1)
     x, y = batch(data)
     results = []
     for n in (0, 3):
         args.grad_checkpoint = n
-        for p in net.parameters():
-            p.grad = None
-        bp.train_step(net, [list(range(16))], None, args, x, y)
-        results.append([p.grad.clone() for p in net.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+        model = copy.deepcopy(net)
+        bp.train_step(model, [list(range(16))], None, args, x, y)
+        results.append(([p.grad for p in model.parameters()], list(model.buffers())))
+    (grads, buffers), (ckpt_grads, ckpt_buffers) = results
+    for a, b in zip(grads + buffers, ckpt_grads + ckpt_buffers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(buffers[-1]) == 1  # num_batches_tracked
     assert bp.checkpoint_segments(tuple(range(16)), 3) == [list(range(0, 6)), list(range(6, 11)), list(range(11, 16))]
 
 
