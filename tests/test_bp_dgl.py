@@ -200,3 +200,18 @@ def test_bp_learns_on_synthetic(tmp_path):
 def test_dgl_learns_on_synthetic(tmp_path):
     summary = run_script("dgl", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 1.0
+
+
+def test_imagenet_vgg_follows_the_official_dgl_vgg_model():
+    """No Dropout in the network's head; every Linear layer (head and aux heads) N(0, 0.01), bias 0."""
+    args, data, net, modules, aux = build_method("dgl", "--dataset", "imagenet", "--fake-data", "--image-size", "32",
+                                                 "--arch", "vgg13_bn", "--k", "4", "--batch-size", "4", "--device",
+                                                 "cpu", "--out", "unused")
+    assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    linears = [m for m in [*net.head.modules(), *aux.modules()] if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 + 4 * len(aux) == 15
+    for m in linears:
+        assert abs(m.weight.std().item() - 0.01) < 0.002 and not m.bias.any()
+    net.train()
+    h = torch.randn(2, 512, 2, 2)
+    torch.testing.assert_close(net.head(h), net.head(h), rtol=0, atol=0)  # deterministic in training
