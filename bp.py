@@ -7,8 +7,9 @@ et al. 2016), the memory baseline of InfoPro's Table 3. The recomputed forward l
 running statistics alone (they are put back after it), so the trained model is the same with and
 without checkpointing.
 
-Epochs: the default 160 is the InfoPro protocol, that of InfoPro's and ContSup's end-to-end rows;
-`--epochs 400` is AugLocal's and MLAAN's, whose codes train their BP baselines for 400 epochs.
+Epochs: the default 160 is the InfoPro protocol, that of InfoPro's end-to-end rows (ContSup's
+presumably come from it); `--epochs 400` is the protocol of AugLocal's and MLAAN's BP rows (both
+codes train their BP baselines for 400 epochs).
 
     python bp.py --dataset synthetic --arch resnet32                 # CPU, a few minutes
     python bp.py --dataset cifar10 --arch resnet110 --grad-checkpoint 4
