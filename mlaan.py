@@ -26,7 +26,9 @@ sides, CE, windows of 3 (not dgl.py's mlp-sr head). `infopro` (resnetInfoProbin.
 the independent side is InfoPro's decoder (BCE reconstruction) + 1c2f SupCon head, the cascaded side
 decoder + 1c2f CE head, each lambda1 * BCE + lambda2 * task with `--lambdas` (IXX_1 IXY_1 IXX_2 IXY_2,
 default the MLAAN README's 5 0.5 0 0) interpolated by ratio = stage / (K - 2), stage (1..3) being the
-stage of the window's last block (the official rule; clamped at 1 here so small K get no negative λ).
+stage of the window's last block and K the official code's module count, in which the stem is merged
+into the first module (see below: code K=15 for our --k 15 and --k 16 on ResNet-32); the official
+rule, clamped at 1 here so small K get no negative λ.
 
 K and leap paths. K counts the stem as a module when it stands alone (DESIGN.md). The official code
 merges the stem into its first module and keys its tables by that count: code K=15 (ResNet-32, one
@@ -315,6 +317,7 @@ def build_aux(args, net, modules, data):
                    f"use --base plain or dgl")
     paths, source = leap_paths(args.arch, modules, shapes)
     stage = stages(shapes)
+    code_k = k - (modules[0] == [0])  # the official module count: its first module holds the stem
     windows = []
     for i in range(c - 1, k - 1):
         path, channels = paths[i], shapes[modules[i][-1]][0]
@@ -324,9 +327,9 @@ def build_aux(args, net, modules, data):
             cascade = LinearHead(leap_channels, data.num_classes)
         elif args.base == "dgl":
             own, cascade = DGLHead(channels, data.num_classes), DGLHead(leap_channels, data.num_classes)
-        else:  # the official ratio: the stage (1..3) of module i's last block over K - 2
+        else:  # the official ratio: the stage (1..3) of module i's last block over (code K) - 2
             ixx_1, ixy_1, ixx_2, ixy_2 = args.lambdas
-            r = min(1.0, (stage[modules[i][-1]] + 1) / (k - 2))
+            r = min(1.0, (stage[modules[i][-1]] + 1) / (code_k - 2))
             ixx, ixy = ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
             own = InfoProLoss(channels, data, True, ixx, ixy)
             cascade = InfoProLoss(leap_channels, data, False, ixx, ixy)

@@ -350,3 +350,16 @@ def test_supcon_is_fp32_under_bf16_autocast():
         mixed = mlaan.supcon_loss(features, y)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, mlaan.supcon_loss(features, y), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [15, 16])
+def test_infopro_lambdas_use_the_official_module_count(k):
+    """resnetInfoProbin.py at code K=15 (ResNet-32, one block per module; our --k 15 and, with the stem
+    as its own module, --k 16): ratio = stage / 13, λ1 = 5 (1 - ratio), λ2 = 0.5 (1 - ratio)."""
+    _, _, _, modules, aux = build(k, "infopro")
+    for window, i in zip(aux, range(len(modules) - len(aux) - 1, len(modules))):
+        stage = 1 + (modules[i][-1] - 1) // 5 if modules[i][-1] > 0 else 1  # blocks 1-5, 6-10, 11-15
+        ratio = stage / 13
+        for loss in (window.own, window.cascade):
+            assert loss.ixx == pytest.approx(5 * (1 - ratio), rel=1e-12)
+            assert loss.ixy == pytest.approx(0.5 * (1 - ratio), rel=1e-12)
