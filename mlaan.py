@@ -68,7 +68,10 @@ Differences from the official code (Wendy231015/MLAAN):
   window)), as there. Leap paths: the official tables for ResNet-34 code K=16 and ResNet-101 code K=33
   (one block per module, the stem merged into module 0: our --k 16 / --k 33, or 17 / 34 with the stem
   alone), the general rule otherwise; leap and EMA copies are freshly initialised (torchvision's
-  kaiming fan-out init), as the official ImageNet code re-initialises them. That code updates the last
+  kaiming fan-out init), as the official ImageNet code re-initialises them. ResNet-34 follows
+  resnet34.py's init, which zeroes the weight of bn2 in every BasicBlock (the backbone, the leap and
+  the EMA copies: its init loop has no zero_init_residual guard); ResNet-101 keeps the guard off, as
+  resnet101.py does (no zero init), and so do the other networks. That code updates the last
   window's EMA copy twice per step (after its window and again after the final backward); here every
   copy is updated once. Defaults: the official recipe's lr 0.05, 150 epochs (cosine, no warm-up) and
   batch 128, which is global here and per process there (on 8 GPUs pass --batch-size 1024); its
@@ -339,10 +342,16 @@ def build_aux(args, net, modules, data):
         leap = [clone(net.layers[j]) for j in path]
         windows.append(Window(common.init_weights(own), leap, clone(net.layers[path[0]]),
                               common.init_weights(cascade), path[0]))
+    aux = nn.ModuleList(windows)
+    if args.arch == "resnet34":  # the official resnet34.py (not resnet101.py) zeroes bn2's weight in every block
+        from torchvision.models.resnet import BasicBlock
+        for m in (*net.modules(), *aux.modules()):  # the backbone, the leap and the EMA copies
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"mlaan: base {args.base}, {len(windows)} windows of {c} modules, EMA decay {args.ema_decay}, "
               f"leap paths from {source}", flush=True)
-    return nn.ModuleList(windows)
+    return aux
 
 
 @torch.no_grad()

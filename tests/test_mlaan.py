@@ -363,3 +363,18 @@ def test_infopro_lambdas_use_the_official_module_count(k):
         for loss in (window.own, window.cascade):
             assert loss.ixx == pytest.approx(5 * (1 - ratio), rel=1e-12)
             assert loss.ixy == pytest.approx(0.5 * (1 - ratio), rel=1e-12)
+
+
+def test_imagenet_resnet34_zeroes_bn2_like_the_official_resnet34():
+    """resnet34.py zeroes bn2.weight in every BasicBlock (backbone, leap and EMA copies); resnet101.py does not."""
+    def blocks(arch, k):
+        args = common.parse_args(["--dataset", "imagenet", "--arch", arch, "--k", str(k), "--out", "x"], "", "mlaan",
+                                 16, 400, add_method_args=mlaan.method_args)
+        net = common.imagenet_backbone(arch, 10)
+        data = type("Data", (), {"image_size": 64, "num_classes": 10, "mean": None, "std": None})
+        aux = mlaan.build_aux(args, net, common.split_modules(arch, len(net.layers), k), data)
+        return [*net.layers[1:], *(b for w in aux for b in (*w.leap, w.ema))]
+    resnet34 = blocks("resnet34", 16)  # 16 blocks, 13 windows: 13 EMA copies, 44 leap blocks
+    assert len(resnet34) == 16 + 13 + 44 and all(not b.bn2.weight.any() and (b.bn1.weight == 1).all() for b in resnet34)
+    assert all((m.weight == 1).all() for b in blocks("resnet101", 5) for m in b.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
