@@ -57,6 +57,8 @@ Differences from the official code (Wendy231015/MLAAN):
 - STL-10 has 10 classes (the code's 'sl10' typo gives it 100). Only the heads used are built (the
   code builds 825 to 2,970 unused ones). Leap copies start from the backbone's initial weights, as
   in the CIFAR code. BCE is computed from the decoder's logits (the same value, autocast-safe).
+  Under --bf16 (autocast; the official code has none) SupCon runs in float32; otherwise in the
+  features' dtype, as there.
 - Splits, schedule and data follow the shared protocol (DESIGN.md), the official recipe: 400 epochs.
 - ImageNet (the ResNets of common.py): the official ImageNet model (ImageNet/networks/resnet34.py,
   resnet101.py). Windows of 3 modules whatever the base; --base plain uses its heads (auxnet34.py /
@@ -214,8 +216,8 @@ def supcon_loss(features, y, temperature=TEMPERATURE):
     samples; an anchor without positives adds 0 but counts in the mean."""
     if len(y) < 2:
         return features.sum() * 0.0
-    with torch.autocast(features.device.type, enabled=False):  # fp32 similarities under --bf16
-        z = F.normalize(features.float(), dim=1)
+    with torch.autocast(features.device.type, enabled=False):  # at least fp32 similarities (--bf16)
+        z = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
         sim = z @ z.T / temperature
         sim = sim - sim.max(1, keepdim=True).values.detach()
         others = ~torch.eye(len(y), dtype=torch.bool, device=y.device)

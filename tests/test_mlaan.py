@@ -378,3 +378,13 @@ def test_imagenet_resnet34_zeroes_bn2_like_the_official_resnet34():
     assert len(resnet34) == 16 + 13 + 44 and all(not b.bn2.weight.any() and (b.bn1.weight == 1).all() for b in resnet34)
     assert all((m.weight == 1).all() for b in blocks("resnet101", 5) for m in b.modules()
                if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_supcon_keeps_float64(float64):
+    """Promoted to at least float32, never cast down (as infopro.py): float64 features give float64 SupCon."""
+    import infopro
+    torch.manual_seed(0)
+    features, y = torch.randn(12, 128), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 4, 4, 5])
+    loss = mlaan.supcon_loss(features, y)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, infopro.supcon_loss(features, y), rtol=1e-12, atol=1e-12)
