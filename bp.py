@@ -14,6 +14,16 @@ codes train their BP baselines for 400 epochs).
     python bp.py --dataset synthetic --arch resnet32                 # CPU, a few minutes
     python bp.py --dataset cifar10 --arch resnet110 --grad-checkpoint 4
     torchrun --nproc_per_node=2 bp.py --dataset cifar10 --arch resnet32
+
+BP has no official code of its own: the papers' baselines come from their codes run end to end
+(InfoPro at K=1, AugLocal's `--rule BP`, MLAAN's K=1), which train as the shared protocol does.
+Differences from them:
+- ImageNet: InfoPro's recipe (90 epochs, global batch 1024, lr 0.4, cosine). DGL's end-to-end
+  baseline (imagenet.py) trains 50 epochs at batch 256, lr 0.1 divided by 10 every 10 epochs, with
+  torchvision's VGG head (Dropout included, as here); `--epochs 50 --batch-size 256 --lr 0.1` is
+  the nearest, with the cosine schedule.
+- MLAAN's ImageNet K=1 branch trains without the stem's max-pool, which its evaluation uses; here
+  both use it.
 """
 import contextlib
 import functools

@@ -210,7 +210,7 @@ def test_reconstruct_adds_the_weighted_decoder_term():
 def test_reconstruct_runs_in_float64(float64):
     """Under a float64 default dtype the decoder's BCE and SupCon stay in float64 (and run at all)."""
     args, data, net, modules, aux = build_method("contsup", *QUICK, "--k", 2, "--reconstruct", "--lambdas", 2, 3, 0, 0)
-    x, y = batch(data, 16)
+    x, y = batch(data, 8)
     local = aux["local"][0]
     h = net.run(modules[0], x)
     expected = 2 * F.binary_cross_entropy(local.decoder(h), x * 0.5 + 0.5) + 3 * supcon_reference(local.head(h), y)
