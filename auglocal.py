@@ -195,9 +195,11 @@ def build_aux(args, net, modules, data):
     n_layers = len(net.layers)
     if args.k_rule == "official":
         kept = args.k - depth
-        if imagenet or kept < 2:
-            common.die(f"--k-rule official is the official CIFAR code's rule for the CIFAR ResNets and trains "
-                       f"K - d modules (here {kept}); use --k of at least d + 2 on resnet32 or resnet110")
+        if imagenet:
+            common.die(f"--k-rule official is the official CIFAR code's rule; on {args.arch} leave it out (the "
+                       f"default K, one layer per module, is the official ImageNet split)")
+        if kept < 2:
+            common.die(f"--k-rule official trains K - d modules (here {kept}); use --k of at least d + 2")
         modules[:] = [[i] for i in range(kept - 1)] + [list(range(kept - 1, n_layers))]
     if not imagenet:  # the official CIFAR code trains K - d modules; its ImageNet code does not merge
         m = merge_point(modules, n_layers, depth)

@@ -72,8 +72,8 @@ Differences from the official code (Wendy231015/MLAAN):
   alone), the general rule otherwise; leap and EMA copies are freshly initialised (torchvision's
   kaiming fan-out init), as the official ImageNet code re-initialises them. ResNet-34 follows
   resnet34.py's init, which zeroes the weight of bn2 in every BasicBlock (the backbone, the leap and
-  the EMA copies: its init loop has no zero_init_residual guard); ResNet-101 keeps the guard off, as
-  resnet101.py does (no zero init), and so do the other networks. That code updates the last
+  the EMA copies: its init loop has no zero_init_residual guard); ResNet-101 keeps torchvision's
+  init, as resnet101.py does (its guard is off), and so do the other networks. That code updates the last
   window's EMA copy twice per step (after its window and again after the final backward); here every
   copy is updated once. Defaults: the official recipe's lr 0.05, 150 epochs (cosine, no warm-up) and
   batch 128, which is global here and per process there (on 8 GPUs pass --batch-size 1024); its
