@@ -13,11 +13,13 @@ plain backbone.
     python auglocal.py --dataset synthetic --arch resnet32         # CPU, a few minutes
     python auglocal.py --dataset cifar10 --arch resnet110 --k 55   # the paper's ResNet-110 (d=3)
     python auglocal.py --dataset stl10 --arch resnet110 --k 16     # 3-4 blocks per module
-    torchrun --nproc_per_node=8 auglocal.py --dataset imagenet --data-dir DIR --arch resnet34 --k 17
+    torchrun --nproc_per_node=8 auglocal.py --dataset imagenet --data-dir DIR --arch resnet34
 
 Defaults: the published commands: --k 16, --aux-depth 2 on ResNet-32 and 3 on ResNet-110,
 --pyramid-coeff 0.5 (0 gives every aux net depth d), 400 epochs, the shared protocol. ImageNet
-(exp_imagenet/run.sh): --aux-depth 4, no pyramid, 200 epochs, global batch 1024, lr 0.4.
+(exp_imagenet/run.sh and its configs): one layer per module (K=17 on ResNet-34, 34 on ResNet-101,
+10 on VGG-13, and likewise 9 / 17 / 51 / 34 on ResNet-18 / -50 / -152 / ResNeXt-101), --aux-depth 4,
+no pyramid, 200 epochs, global batch 1024, lr 0.4.
 
 K on CIFAR (the paper's convention): K=16 on ResNet-32 and K=55 on ResNet-110 mean one layer per
 module (the stem alone first). A module whose auxiliary net would be the whole rest of the network
@@ -37,6 +39,15 @@ as in the official code. The general rule, for any split (n layers, d = --aux-de
 summary.json's `k` is the --k asked for, `modules` the K' modules actually trained. A merge that
 leaves a single module (K > 1) is an error: that would be plain backpropagation.
 
+The official CIFAR code reads K < n differently (`--k-rule official` does the same): it trains K' =
+K - d modules, the first K'-1 layers one per module (cuts after layers 0..K'-2) and everything
+after them as one module, trained end to end with the head. ResNet-32 K=8, d=2: cuts after layers
+0-4, then layers 5-15 together, where the rule above gives [0,1], [2,3], ..., [10,11], [12..15]. At
+K = n the two are the same split. The default is the rule above: every published run uses K = n
+(ResNet-32 K=16, ResNet-110 K=55, the README and run.sh), so both give the paper's numbers, and for
+K < n it keeps what --k means in every other script (K modules of about equal depth) instead of
+one module holding most of the network.
+
 ImageNet networks (the torchvision ones, on any dataset) follow the official ImageNet code: no
 merge (every module but the last has an aux net; near the end it copies all the layers that
 remain), no pyramid unless asked, no BatchNorm1d, Bottleneck aux blocks on Bottleneck backbones
@@ -46,8 +57,8 @@ conv3x3-BN-ReLU, then the flattened map average-pooled to 512 and a 512-512 MLP.
 Differences from the official code (ChenxiangMA/AugLocal):
 - STL-10 is trained with 10 classes; the official code builds 100-way heads for it (a `sl10`
   typo in its class-count test).
-- Any K works (rule above); the official CIFAR code supports K = n only (and would divide by zero
-  when K' = 2).
+- K < n follows the rule above unless --k-rule official (see above). With K' = 2 the official
+  pyramid divides by zero (i / (K'-2)); here that ratio is read as 0.
 - --aux-depth 0 gives aux nets without blocks (pool, BatchNorm1d, Linear) with or without the
   pyramid; the official `--pyramid` turns depth 0 into 1 through its max(1, .) clamp.
 - The pyramid is on by default on CIFAR (the official flag is off by default, but every published
@@ -73,6 +84,11 @@ import common
 DEFAULT_DEPTH = {"resnet32": 2, "resnet110": 3}
 IMAGENET_DEPTH = 4
 DEFAULT_COEFF, IMAGENET_COEFF = 0.5, 0.0  # the ImageNet code has no pyramid
+# ImageNet default K: one layer per module, the official configs (ResNet-34 17, ResNet-101 34, VGG-13 10),
+# and the same rule for the other networks.
+IMAGENET_K = {"resnet18": 9, "resnet34": 17, "resnet50": 17, "resnet101": 34, "resnet152": 51,
+              "resnext101_32x8d": 34, "vgg13_bn": 10}
+K_RULES = ("merge", "official")
 
 
 def merge_point(modules, n_layers, depth):
@@ -158,6 +174,10 @@ def method_args(parser):
     parser.add_argument("--pyramid-coeff", type=float, default=None, metavar="C",
                         help="depth shrinks from d to d-C(d-1) along the network; 0: depth d everywhere. "
                              f"Default {DEFAULT_COEFF} ({IMAGENET_COEFF} for the ImageNet networks)")
+    parser.add_argument("--k-rule", default="merge", choices=K_RULES,
+                        help="CIFAR ResNets: merge (split into K modules, then merge those near the end; "
+                             "default) | official (the official code: K-d modules, the first K-d-1 layers "
+                             "one each, the rest one module); the same at K = the number of layers")
 
 
 def build_aux(args, net, modules, data):
@@ -173,6 +193,14 @@ def build_aux(args, net, modules, data):
     if not 0 <= coeff <= 1:
         common.die(f"--pyramid-coeff must be between 0 (no pyramid) and 1, got {coeff}")
     n_layers = len(net.layers)
+    if args.k_rule == "official":
+        kept = args.k - depth
+        if imagenet:
+            common.die(f"--k-rule official is the official CIFAR code's rule; on {args.arch} leave it out (the "
+                       f"default K, one layer per module, is the official ImageNet split)")
+        if kept < 2:
+            common.die(f"--k-rule official trains K - d modules (here {kept}); use --k of at least d + 2")
+        modules[:] = [[i] for i in range(kept - 1)] + [list(range(kept - 1, n_layers))]
     if not imagenet:  # the official CIFAR code trains K - d modules; its ImageNet code does not merge
         m = merge_point(modules, n_layers, depth)
         if m == 0 and len(modules) > 1:
@@ -202,7 +230,7 @@ def local_step(net, modules, aux, args, i, h, x, y):
 
 def main(argv=None):
     args = common.parse_args(argv, __doc__, "auglocal", k=16, epochs=400, add_method_args=method_args,
-                             imagenet=dict(epochs=200))
+                             imagenet=dict(epochs=200, k=IMAGENET_K))
     run = common.Run(args)
     data = common.load_data(args, run.device)
     net = common.build_backbone(args, data, run.device)

@@ -3,12 +3,29 @@
 The same backbone, data and protocol as the local methods, trained as one module (K=1): one
 forward, one cross-entropy on the head, one backward. `--grad-checkpoint N` recomputes the forward
 of N segments during backward instead of storing their activations (gradient checkpointing, Chen
-et al. 2016), the memory baseline of InfoPro's Table 3.
+et al. 2016), the memory baseline of InfoPro's Table 3. The recomputed forward leaves BatchNorm's
+running statistics alone (they are put back after it), so the trained model is the same with and
+without checkpointing.
+
+Epochs: the default 160 is the InfoPro protocol, that of InfoPro's end-to-end rows (ContSup's
+presumably come from it); `--epochs 400` is the protocol of AugLocal's and MLAAN's BP rows (both
+codes train their BP baselines for 400 epochs).
 
     python bp.py --dataset synthetic --arch resnet32                 # CPU, a few minutes
     python bp.py --dataset cifar10 --arch resnet110 --grad-checkpoint 4
     torchrun --nproc_per_node=2 bp.py --dataset cifar10 --arch resnet32
+
+BP has no official code of its own: the papers' baselines come from their codes run end to end
+(InfoPro at K=1, AugLocal's `--rule BP`, MLAAN's K=1), which train as the shared protocol does.
+Differences from them:
+- ImageNet: InfoPro's recipe (90 epochs, global batch 1024, lr 0.4, cosine). DGL's end-to-end
+  baseline (imagenet.py) trains 50 epochs at batch 256, lr 0.1 divided by 10 every 10 epochs, with
+  torchvision's VGG head (Dropout included, as here); `--epochs 50 --batch-size 256 --lr 0.1` is
+  the nearest, with the cosine schedule.
+- MLAAN's ImageNet K=1 branch trains without the stem's max-pool, which its evaluation uses; here
+  both use it.
 """
+import contextlib
 import functools
 
 import torch.nn as nn
@@ -41,13 +58,32 @@ def checkpoint_segments(layers, n):
     return [[layers[i] for i in seg] for seg in common.modules_from_cuts(cuts, len(layers))]
 
 
+@contextlib.contextmanager
+def buffers_restored(net, layers):
+    """Put back the buffers of the layers (BatchNorm's running statistics and num_batches_tracked)
+    when the block ends: the forward recomputed in backward must not count the batch twice."""
+    buffers = [b for i in layers for b in net.layers[i].buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:  # checkpoint may end the recomputation early, by an exception
+        for b, before in zip(buffers, saved):
+            b.copy_(before)
+
+
+def checkpoint_contexts(net, layers):
+    """checkpoint's context_fn: the forward as usual, the recomputation leaves the buffers as they were."""
+    return contextlib.nullcontext(), buffers_restored(net, layers)
+
+
 def local_step(net, modules, aux, args, i, h, x, y):
     """The one module: forward through every layer and the head, cross-entropy (common.run_modules
     back-propagates it)."""
     (layers,) = modules
     if args.grad_checkpoint:
         for segment in checkpoint_segments(tuple(layers), args.grad_checkpoint):
-            h = checkpoint(net.run, segment, h, use_reentrant=False)
+            h = checkpoint(net.run, segment, h, use_reentrant=False,
+                           context_fn=functools.partial(checkpoint_contexts, net, segment))
     else:
         h = net.run(layers, h)
     logits = net.head(h)

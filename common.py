@@ -482,13 +482,15 @@ RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers", "pi
 def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None, no_pipeline=None):
     """The shared command line. Dataset-dependent defaults (batch, lr, schedule) are filled in
     after parsing; `k` and `epochs` are the method's paper defaults, and `imagenet` its ImageNet
-    `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4). A method that
-    cannot train its modules as pipeline stages gives the reason as `no_pipeline`."""
+    `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4), and its `k`
+    per network ({arch: K}) where that is not `k`. A method that cannot train its modules as
+    pipeline stages gives the reason as `no_pipeline`."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
     p.add_argument("--arch", default="resnet32", help=f"one of {', '.join(ARCHS)}")
-    p.add_argument("--k", type=int, default=k, help="number of gradient-isolated modules, the last included")
+    p.add_argument("--k", type=int, default=None, help=f"number of gradient-isolated modules, the last included; "
+                   f"default {k}" + (" (ImageNet: per network)" if "k" in (imagenet or {}) else ""))
     p.add_argument("--split", default="official", help="official | even | balanced (InfoPro*)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {epochs} (the paper's); synthetic: "
                    f"{DATASETS['synthetic'].epochs}")
@@ -532,9 +534,13 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
         die(f"unknown --arch {args.arch!r}: choose one of {', '.join(ARCHS)}")
     if args.dataset == "imagenet" and args.arch not in IMAGENET_ARCHS:
         die(f"--arch {args.arch} is a CIFAR network; for imagenet choose one of {', '.join(IMAGENET_ARCHS)}")
+    imagenet = dict(imagenet or {})
+    k_by_arch = imagenet.pop("k", {})
+    if args.k is None:
+        args.k = k_by_arch.get(args.arch, k) if args.dataset == "imagenet" else k
     spec = DATASETS[args.dataset]
     if args.dataset == "imagenet":
-        spec = dataclasses.replace(spec, **{"epochs": 90, **(imagenet or {})})
+        spec = dataclasses.replace(spec, **{"epochs": 90, **imagenet})
     args.epochs = args.epochs or spec.epochs or epochs
     args.batch_size = args.batch_size or spec.batch_size
     args.lr = spec.lr if args.lr is None else args.lr

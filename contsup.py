@@ -38,6 +38,8 @@ Differences from the official code (Tab-ct/ContSup):
   value is --lambdas 5 0 0.5 1. --reconstruct and --lambdas replace `--h_reconstruct` (a `type=bool`
   flag that reads "False" as true).
 - The context is summed out of place (the official code adds it in place into the detached output).
+- Under --bf16 (autocast; the official code has none) SupCon and the reconstruction BCE run in
+  float32; otherwise in the features' dtype, as there (float64 in a float64 run).
 - ImageNet is a generalisation: neither the paper nor the code has one. The local losses use
   InfoPro's ImageNet aux nets (head: conv1x1 C->128, conv3x3 s2 128->256, conv3x3 s2 256->512,
   conv1x1 512->2048, each BN-ReLU, global pool, Linear; decoder: conv1x1 C->128, then bilinear
@@ -46,7 +48,7 @@ Differences from the official code (Tab-ct/ContSup):
   of the image size (the resolution of the ImageNet stem's output) rather than at 224 x 224; then
   average pooling to the node's size, as on CIFAR. Rn is unchanged (1x1 conv at the source's size,
   then pooling). --reconstruct needs --lambdas (there is no table).
-- The shared protocol (DESIGN.md) for data, schedule and outputs; the head is fixed at `1c2f`, width
+- The shared protocol (common.py, README) for data, schedule and outputs; the head is fixed at `1c2f`, width
   1, 128 features, no dropout; no nn.DataParallel. --split balanced uses common.py's splits, which for
   ResNet-32 are not ContSup's table.
 """
@@ -96,9 +98,9 @@ def supcon_loss(features, y, temperature=0.07):
     """Supervised contrastive loss (Khosla et al. 2020) with one view, as in InfoPro: anchors are the
     batch samples, positives the other samples of the same class; an anchor without positives
     contributes 0 but still counts in the mean. temperature = base_temperature, so no rescaling.
-    Computed in float32 (also under --bf16: logits up to 1/0.07 need the precision)."""
+    Computed in at least float32 (also under --bf16: logits up to 1/0.07 need the precision)."""
     with torch.autocast(features.device.type, enabled=False):
-        z = F.normalize(features.float(), dim=1)
+        z = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
         logits = z @ z.T / temperature
         logits = logits - logits.max(1, keepdim=True).values.detach()
         self_pair = torch.eye(len(y), dtype=torch.bool, device=y.device)
@@ -171,8 +173,9 @@ class LocalLoss(nn.Module):
         task, logits = (supcon_loss(out, y), None) if self.loss == "contrast" else (F.cross_entropy(out, y), out)
         if self.decoder is None:
             return task, logits
-        image = self.decoder(h).float()
-        target = (x.detach().float() * self.std + self.mean).clamp(0, 1)
+        dtype = torch.promote_types(h.dtype, torch.float32)  # float32 under --bf16, float64 stays float64
+        image = self.decoder(h).to(dtype)
+        target = (x.detach() * self.std + self.mean).clamp(0, 1).to(dtype)
         with torch.autocast(h.device.type, enabled=False):  # BCE is not autocast-safe
             bce = F.binary_cross_entropy(image, target)
         return self.weights[0] * bce + self.weights[1] * task, logits

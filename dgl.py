@@ -10,6 +10,11 @@ module trains on the network's own head. Inference is the plain backbone.
     python dgl.py --dataset cifar10 --arch resnet110 --k 16
     torchrun --nproc_per_node=2 dgl.py --dataset cifar10 --arch resnet32 --k 8
 
+Epochs: the default 160 is the InfoPro protocol, that of InfoPro's DGL rows (its Table 2);
+`--epochs 400` is the protocol of AugLocal's and MLAAN's DGL rows (both codes train their DGL
+baselines for 400 epochs, with their own versions of the head). On ImageNet the default is DGL's
+own 50 epochs.
+
 Differences from the official code (eugenium/DGL):
 - One Nesterov SGD step per batch over all parameters (the shared protocol) instead of one SGD
   optimizer per module stepped right after its backward. Because module j+1 consumes the output
@@ -17,11 +22,16 @@ Differences from the official code (eugenium/DGL):
 - The official `auxillary_classifier2` also allocates a BatchNorm2d(C) that only its `mlp=0` variant
   uses; mlp-sr never touches it, so it is left out: each head has 2C parameters fewer than the
   official one (14,378 / 54,858 / 214,154 instead of 14,410 / 54,922 / 214,282 for C = 16 / 32 / 64).
-- Splits, schedule and data follow the shared protocol (DESIGN.md), not the DGL paper's CNNs.
+- Splits, schedule and data follow the shared protocol (common.py, README), not the DGL paper's CNNs.
 - ImageNet: the official batch 256, lr 0.1 and 50 epochs, but with the shared cosine schedule and
   Nesterov instead of the official step decay (lr / 10 every 10 epochs, optimizers re-created at
   each decay, which resets momentum) and plain momentum; no fp16 (use --bf16). The heads sit on
   the true feature size (the official ResNet code's size tracker halves at layer1 by mistake).
+- ImageNet VGG follows the official DGL VGG model (imagenet_dgl/models/vgg.py), not torchvision's
+  classifier: the last module's head is max-pool, 25088-4096-4096-classes with ReLU and no Dropout,
+  and every Linear layer, of that head and of the aux heads, starts from N(0, 0.01) with bias 0 (its
+  `_initialize_weights` covers the aux heads). The head keeps torchvision's AdaptiveAvgPool2d(7),
+  the identity at 224 x 224 (the official head has none, so it only runs at 224).
 """
 import functools
 import math
@@ -59,10 +69,18 @@ def method_args(parser):
 
 
 def build_aux(args, net, modules, data):
-    """One mlp-sr head on the output of every module but the last."""
+    """One mlp-sr head on the output of every module but the last. VGG follows the official DGL VGG
+    model: no Dropout in the network's head, every Linear (head and aux heads) N(0, 0.01), bias 0."""
     shapes = common.layer_shapes(net, data.image_size)
     heads = [MlpSrHead(shapes[m[-1]][0], shapes[m[-1]][1], data.num_classes) for m in modules[:-1]]
-    return common.init_weights(nn.ModuleList(heads))
+    heads = common.init_weights(nn.ModuleList(heads))
+    if args.arch.startswith("vgg"):  # torchvision already draws the head's Linear layers N(0, 0.01)
+        net.head[-1] = nn.Sequential(*[m for m in net.head[-1] if not isinstance(m, nn.Dropout)])
+        for m in heads.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+    return heads
 
 
 def local_step(net, modules, aux, args, i, h, x, y):

@@ -26,9 +26,11 @@ sides, CE, windows of 3 (not dgl.py's mlp-sr head). `infopro` (resnetInfoProbin.
 the independent side is InfoPro's decoder (BCE reconstruction) + 1c2f SupCon head, the cascaded side
 decoder + 1c2f CE head, each lambda1 * BCE + lambda2 * task with `--lambdas` (IXX_1 IXY_1 IXX_2 IXY_2,
 default the MLAAN README's 5 0.5 0 0) interpolated by ratio = stage / (K - 2), stage (1..3) being the
-stage of the window's last block (the official rule; clamped at 1 here so small K get no negative λ).
+stage of the window's last block and K the official code's module count, in which the stem is merged
+into the first module (see below: code K=15 for our --k 15 and --k 16 on ResNet-32); the official
+rule, clamped at 1 here so small K get no negative λ.
 
-K and leap paths. K counts the stem as a module when it stands alone (DESIGN.md). The official code
+K and leap paths. K counts the stem as a module when it stands alone (as in every script). The official code
 merges the stem into its first module and keys its tables by that count: code K=15 (ResNet-32, one
 block per module) is our `--k 15` (same split) and our `--k 16` (the stem as module 0, the paper's
 "K=16"); code K=54 (ResNet-110) is our `--k 54` / `--k 55`; code K=8 (ResNet-32) is our `--k 8`. On
@@ -55,7 +57,9 @@ Differences from the official code (Wendy231015/MLAAN):
 - STL-10 has 10 classes (the code's 'sl10' typo gives it 100). Only the heads used are built (the
   code builds 825 to 2,970 unused ones). Leap copies start from the backbone's initial weights, as
   in the CIFAR code. BCE is computed from the decoder's logits (the same value, autocast-safe).
-- Splits, schedule and data follow the shared protocol (DESIGN.md), the official recipe: 400 epochs.
+  Under --bf16 (autocast; the official code has none) SupCon runs in float32; otherwise in the
+  features' dtype, as there.
+- Splits, schedule and data follow the shared protocol (common.py, README), the official recipe: 400 epochs.
 - ImageNet (the ResNets of common.py): the official ImageNet model (ImageNet/networks/resnet34.py,
   resnet101.py). Windows of 3 modules whatever the base; --base plain uses its heads (auxnet34.py /
   auxnet101.py: a 64- or 128-channel map gets conv1x1 (C -> 2C)-BN-ReLU-conv1x1 (2C -> C)-BN-ReLU
@@ -66,7 +70,10 @@ Differences from the official code (Wendy231015/MLAAN):
   window)), as there. Leap paths: the official tables for ResNet-34 code K=16 and ResNet-101 code K=33
   (one block per module, the stem merged into module 0: our --k 16 / --k 33, or 17 / 34 with the stem
   alone), the general rule otherwise; leap and EMA copies are freshly initialised (torchvision's
-  kaiming fan-out init), as the official ImageNet code re-initialises them. That code updates the last
+  kaiming fan-out init), as the official ImageNet code re-initialises them. ResNet-34 follows
+  resnet34.py's init, which zeroes the weight of bn2 in every BasicBlock (the backbone, the leap and
+  the EMA copies: its init loop has no zero_init_residual guard); ResNet-101 keeps torchvision's
+  init, as resnet101.py does (its guard is off), and so do the other networks. That code updates the last
   window's EMA copy twice per step (after its window and again after the final backward); here every
   copy is updated once. Defaults: the official recipe's lr 0.05, 150 epochs (cosine, no warm-up) and
   batch 128, which is global here and per process there (on 8 GPUs pass --batch-size 1024); its
@@ -209,8 +216,8 @@ def supcon_loss(features, y, temperature=TEMPERATURE):
     samples; an anchor without positives adds 0 but counts in the mean."""
     if len(y) < 2:
         return features.sum() * 0.0
-    with torch.autocast(features.device.type, enabled=False):  # fp32 similarities under --bf16
-        z = F.normalize(features.float(), dim=1)
+    with torch.autocast(features.device.type, enabled=False):  # at least fp32 similarities (--bf16)
+        z = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
         sim = z @ z.T / temperature
         sim = sim - sim.max(1, keepdim=True).values.detach()
         others = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
@@ -315,6 +322,7 @@ def build_aux(args, net, modules, data):
                    f"use --base plain or dgl")
     paths, source = leap_paths(args.arch, modules, shapes)
     stage = stages(shapes)
+    code_k = k - (modules[0] == [0])  # the official module count: its first module holds the stem
     windows = []
     for i in range(c - 1, k - 1):
         path, channels = paths[i], shapes[modules[i][-1]][0]
@@ -324,9 +332,9 @@ def build_aux(args, net, modules, data):
             cascade = LinearHead(leap_channels, data.num_classes)
         elif args.base == "dgl":
             own, cascade = DGLHead(channels, data.num_classes), DGLHead(leap_channels, data.num_classes)
-        else:  # the official ratio: the stage (1..3) of module i's last block over K - 2
+        else:  # the official ratio: the stage (1..3) of module i's last block over (code K) - 2
             ixx_1, ixy_1, ixx_2, ixy_2 = args.lambdas
-            r = min(1.0, (stage[modules[i][-1]] + 1) / (k - 2))
+            r = min(1.0, (stage[modules[i][-1]] + 1) / (code_k - 2))
             ixx, ixy = ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r
             own = InfoProLoss(channels, data, True, ixx, ixy)
             cascade = InfoProLoss(leap_channels, data, False, ixx, ixy)
@@ -336,10 +344,16 @@ def build_aux(args, net, modules, data):
         leap = [clone(net.layers[j]) for j in path]
         windows.append(Window(common.init_weights(own), leap, clone(net.layers[path[0]]),
                               common.init_weights(cascade), path[0]))
+    aux = nn.ModuleList(windows)
+    if args.arch == "resnet34":  # the official resnet34.py (not resnet101.py) zeroes bn2's weight in every block
+        from torchvision.models.resnet import BasicBlock
+        for m in (*net.modules(), *aux.modules()):  # the backbone, the leap and the EMA copies
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"mlaan: base {args.base}, {len(windows)} windows of {c} modules, EMA decay {args.ema_decay}, "
               f"leap paths from {source}", flush=True)
-    return nn.ModuleList(windows)
+    return aux
 
 
 @torch.no_grad()

@@ -77,3 +77,12 @@ def checkpoint_state(out):
 @pytest.fixture
 def common():
     return importlib.import_module("common")
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 as the default dtype (a float64 run), restored afterwards."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)

@@ -166,6 +166,19 @@ def test_resnet110_runs(tmp_path, k):
     assert summary["params"]["aux"] == (AUX_PARAMS["resnet110", 3, 0.5] if k == 55 else summary["params"]["aux"]) > 0
 
 
+def test_official_k_rule():
+    """--k-rule official: K - d modules, the first K-d-1 layers one each, the rest one module (the
+    official CIFAR code); the default splits into K modules first. Both agree at K = n."""
+    def modules(k, *flags):
+        _, _, _, modules, aux = build_method("auglocal", *QUICK, "--subset", "64", "--k", k, *flags)
+        assert len(aux) == len(modules) - 1
+        return modules
+    assert modules(8, "--k-rule", "official") == [[0], [1], [2], [3], [4], list(range(5, 16))]
+    assert modules(8) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13, 14, 15]]
+    assert modules(4, "--k-rule", "official", "--aux-depth", "1") == [[0], [1], list(range(2, 16))]
+    assert modules(16, "--k-rule", "official") == modules(16) == [[i] for i in range(13)] + [[13, 14, 15]]
+
+
 def test_summary_reports_the_merged_modules(tmp_path):
     summary = run_script("auglocal", tmp_path / "run", "--k", "16", "--aux-depth", "3", "--steps", "1")
     assert summary["modules"] == [[i] for i in range(12)] + [[12, 13, 14, 15]]
@@ -176,6 +189,7 @@ def test_summary_reports_the_merged_modules(tmp_path):
     (["--aux-depth", "-1"], "--aux-depth must be 0 or more"),
     (["--pyramid-coeff", "1.5"], "--pyramid-coeff must be between 0"),
     (["--aux-depth", "15"], "leaves no local module"),
+    (["--k-rule", "official", "--k", "3"], r"--k-rule official trains K - d modules \(here 1\)"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -237,8 +251,20 @@ def test_imagenet_vgg_aux():
     assert [m.out_channels for m in aux[0] if isinstance(m, nn.Conv2d)] == [128, 256, 512, 512]
 
 
-def test_imagenet_network_runs_a_step(tmp_path):
+def test_imagenet_network_runs_a_step_with_one_layer_per_module_by_default(tmp_path):
     summary = run_script("auglocal", tmp_path / "run", "--dataset", "imagenet", "--fake-data", "--image-size", "32",
-                         "--arch", "resnet18", "--k", "9", "--batch-size", "4", "--steps", "1", "--device", "cpu",
-                         quick=False)
-    assert summary["modules"] == [[i] for i in range(9)] and summary["steps"] == 1  # no merge on ImageNet
+                         "--arch", "resnet18", "--batch-size", "4", "--steps", "1", "--device", "cpu", quick=False)
+    assert summary["k"] == 9 and summary["steps"] == 1
+    assert summary["modules"] == [[i] for i in range(9)]  # no merge on ImageNet
+
+
+def test_imagenet_default_k_is_one_layer_per_module():
+    """The official configs: ResNet-34 K=17, ResNet-101 K=34, VGG-13 K=10; the others likewise."""
+    assert {a: auglocal.IMAGENET_K[a] for a in ("resnet34", "resnet101", "vgg13_bn")} == \
+        {"resnet34": 17, "resnet101": 34, "vgg13_bn": 10}
+    assert set(auglocal.IMAGENET_K) == set(common.IMAGENET_ARCHS)
+    for arch, k in auglocal.IMAGENET_K.items():
+        with torch.device("meta"):
+            assert len(common.imagenet_backbone(arch, 10).layers) == k
+    with pytest.raises(SystemExit, match="--k-rule official is the official CIFAR code's rule"):
+        imagenet_aux("resnet18", 9, "--k-rule", "official")

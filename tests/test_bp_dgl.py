@@ -1,4 +1,5 @@
 """bp.py and dgl.py: the local step, isolation, memory, outputs, resume, torchrun, learning."""
+import copy
 import os
 import subprocess
 import sys
@@ -93,18 +94,20 @@ def test_dgl_activation_memory_well_below_bp(tmp_path):
     assert k16["act_mem_bytes"] < dgl_summary["act_mem_bytes"]
 
 
-def test_grad_checkpoint_gives_the_same_gradients():
+def test_grad_checkpoint_gives_the_same_gradients_and_batchnorm_statistics():
+    """The forward recomputed in backward must not update BatchNorm's running statistics again."""
     args, data, net, modules, _ = build(1)
     x, y = batch(data)
     results = []
     for n in (0, 3):
         args.grad_checkpoint = n
-        for p in net.parameters():
-            p.grad = None
-        train_step(bp, net, [list(range(16))], None, args, x, y)
-        results.append([p.grad.clone() for p in net.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+        model = copy.deepcopy(net)
+        train_step(bp, model, [list(range(16))], None, args, x, y)
+        results.append(([p.grad for p in model.parameters()], list(model.buffers())))
+    (grads, buffers), (ckpt_grads, ckpt_buffers) = results
+    for a, b in zip(grads + buffers, ckpt_grads + ckpt_buffers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(buffers[-1]) == 1  # num_batches_tracked
     assert bp.checkpoint_segments(tuple(range(16)), 3) == [list(range(0, 6)), list(range(6, 11)), list(range(11, 16))]
 
 
@@ -197,3 +200,18 @@ def test_bp_learns_on_synthetic(tmp_path):
 def test_dgl_learns_on_synthetic(tmp_path):
     summary = run_script("dgl", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 1.0
+
+
+def test_imagenet_vgg_follows_the_official_dgl_vgg_model():
+    """No Dropout in the network's head; every Linear layer (head and aux heads) N(0, 0.01), bias 0."""
+    args, data, net, modules, aux = build_method("dgl", "--dataset", "imagenet", "--fake-data", "--image-size", "32",
+                                                 "--arch", "vgg13_bn", "--k", "4", "--batch-size", "4", "--device",
+                                                 "cpu", "--out", "unused")
+    assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    linears = [m for m in [*net.head.modules(), *aux.modules()] if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 + 4 * len(aux) == 15
+    for m in linears:
+        assert abs(m.weight.std().item() - 0.01) < 0.002 and not m.bias.any()
+    net.train()
+    h = torch.randn(2, 512, 2, 2)
+    torch.testing.assert_close(net.head(h), net.head(h), rtol=0, atol=0)  # deterministic in training

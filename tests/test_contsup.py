@@ -67,6 +67,15 @@ def test_supcon_loss_matches_the_definition():
     torch.testing.assert_close(contsup.supcon_loss(features, y), supcon_reference(features, y))
 
 
+def test_supcon_loss_keeps_float64():
+    """Promoted to at least float32, never cast down: a float64 run computes SupCon in float64."""
+    torch.manual_seed(0)
+    features, y = torch.randn(12, 128, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 4, 4, 5])
+    loss = contsup.supcon_loss(features, y)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, supcon_reference(features, y), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss", ["contrast", "ce"])
 def test_r0_step_is_plain_greedy_training(loss):
     """With no context, every parameter gets exactly the gradient of a hand-written greedy step with
@@ -196,6 +205,19 @@ def test_reconstruct_adds_the_weighted_decoder_term():
     image = x * 0.5 + 0.5  # synthetic is normalised with mean = std = 0.5
     expected = 2 * F.binary_cross_entropy(local.decoder(h), image) + 3 * supcon_reference(local.head(h), y)
     torch.testing.assert_close(local(h, x, y)[0], expected)
+
+
+def test_reconstruct_runs_in_float64(float64):
+    """Under a float64 default dtype the decoder's BCE and SupCon stay in float64 (and run at all)."""
+    args, data, net, modules, aux = build_method("contsup", *QUICK, "--k", 2, "--reconstruct", "--lambdas", 2, 3, 0, 0)
+    x, y = batch(data, 8)
+    local = aux["local"][0]
+    h = net.run(modules[0], x)
+    expected = 2 * F.binary_cross_entropy(local.decoder(h), x * 0.5 + 0.5) + 3 * supcon_reference(local.head(h), y)
+    assert expected.dtype == torch.float64
+    torch.testing.assert_close(local(h, x, y)[0], expected, rtol=1e-12, atol=1e-12)
+    loss, _ = train_step(contsup, net, modules, aux, args, x, y)
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
 
 
 def test_loss_weights_follow_the_official_table():

@@ -350,3 +350,41 @@ def test_supcon_is_fp32_under_bf16_autocast():
         mixed = mlaan.supcon_loss(features, y)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, mlaan.supcon_loss(features, y), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [15, 16])
+def test_infopro_lambdas_use_the_official_module_count(k):
+    """resnetInfoProbin.py at code K=15 (ResNet-32, one block per module; our --k 15 and, with the stem
+    as its own module, --k 16): ratio = stage / 13, λ1 = 5 (1 - ratio), λ2 = 0.5 (1 - ratio)."""
+    _, _, _, modules, aux = build(k, "infopro")
+    for window, i in zip(aux, range(len(modules) - len(aux) - 1, len(modules))):
+        stage = 1 + (modules[i][-1] - 1) // 5 if modules[i][-1] > 0 else 1  # blocks 1-5, 6-10, 11-15
+        ratio = stage / 13
+        for loss in (window.own, window.cascade):
+            assert loss.ixx == pytest.approx(5 * (1 - ratio), rel=1e-12)
+            assert loss.ixy == pytest.approx(0.5 * (1 - ratio), rel=1e-12)
+
+
+def test_imagenet_resnet34_zeroes_bn2_like_the_official_resnet34():
+    """resnet34.py zeroes bn2.weight in every BasicBlock (backbone, leap and EMA copies); resnet101.py does not."""
+    def blocks(arch, k):
+        args = common.parse_args(["--dataset", "imagenet", "--arch", arch, "--k", str(k), "--out", "x"], "", "mlaan",
+                                 16, 400, add_method_args=mlaan.method_args)
+        net = common.imagenet_backbone(arch, 10)
+        data = type("Data", (), {"image_size": 64, "num_classes": 10, "mean": None, "std": None})
+        aux = mlaan.build_aux(args, net, common.split_modules(arch, len(net.layers), k), data)
+        return [*net.layers[1:], *(b for w in aux for b in (*w.leap, w.ema))]
+    resnet34 = blocks("resnet34", 16)  # 16 blocks, 13 windows: 13 EMA copies, 44 leap blocks
+    assert len(resnet34) == 16 + 13 + 44 and all(not b.bn2.weight.any() and (b.bn1.weight == 1).all() for b in resnet34)
+    assert all((m.weight == 1).all() for b in blocks("resnet101", 5) for m in b.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_supcon_keeps_float64(float64):
+    """Promoted to at least float32, never cast down (as infopro.py): float64 features give float64 SupCon."""
+    import infopro
+    torch.manual_seed(0)
+    features, y = torch.randn(12, 128), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 4, 4, 5])
+    loss = mlaan.supcon_loss(features, y)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, infopro.supcon_loss(features, y), rtol=1e-12, atol=1e-12)

@@ -41,7 +41,7 @@ def test_script_has_marked_method_section_and_main(name):
 DEFAULTS = {"dgl": '"dgl", k=16, epochs=160', "bp": '"bp", k=1, epochs=160', "infopro": '"infopro", k=16, epochs=160',
             "auglocal": '"auglocal", k=16, epochs=400', "contsup": '"contsup", k=16, epochs=160',
             "mlaan": '"mlaan", k=16, epochs=400'}
-IMAGENET = {"dgl": "imagenet=dict(epochs=50, batch_size=256, lr=0.1)", "auglocal": "imagenet=dict(epochs=200)",
+IMAGENET = {"dgl": "imagenet=dict(epochs=50, batch_size=256, lr=0.1)", "auglocal": "imagenet=dict(epochs=200, k=IMAGENET_K)",
             "mlaan": "imagenet=dict(epochs=150, batch_size=128, lr=0.05)"}
 
 
