@@ -723,12 +723,12 @@ def balanced_cuts(costs, parts):
     """The first index of every part but the first, cutting `costs` into `parts` contiguous
     non-empty runs whose largest total is as small as possible (exact, by dynamic programming)."""
     n, prefix = len(costs), np.concatenate([[0.0], np.cumsum(costs)])
-    best = {(0, 0): (0.0, [])}  # (parts used, items used) -> (largest total, cuts)
+    best = [{0: (0.0, [])}]  # best[p][e]: (largest total, starts) of the first e items in p parts
     for p in range(1, parts + 1):
-        for end in range(p, n - (parts - p) + 1):
-            best[p, end] = min((max(best[p - 1, start][0], prefix[end] - prefix[start]), best[p - 1, start][1] + [start])
-                               for start in range(p - 1, end) if (p - 1, start) in best)
-    return best[parts, n][1][1:]
+        best.append({end: min((max(best[p - 1][start][0], prefix[end] - prefix[start]), best[p - 1][start][1] + [start])
+                              for start in best[p - 1] if start < end)
+                     for end in range(p, n - (parts - p) + 1)})
+    return best[parts][n][1][1:]
 
 
 class Pipeline:
@@ -760,15 +760,16 @@ class Pipeline:
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.momentum = args.momentum > 0
         stage_of = {i: s for s, stage in enumerate(self.stages) for i in stage}
-        params, buffers = list(model.parameters()), list(model.buffers())
-        self.params = [[p for j, p in enumerate(params) if stage_of.get(param_owner.get(j)) == s] for s in range(parts)]
-        self.buffers = [[b for j, b in enumerate(buffers) if stage_of.get(buffer_owner.get(j)) == s] for s in range(parts)]
+        owned = lambda tensors, owner, s: [t for j, t in enumerate(tensors) if stage_of.get(owner.get(j)) == s]
+        self.params = [owned(list(model.parameters()), param_owner, s) for s in range(parts)]
+        self.buffers = [owned(list(model.buffers()), buffer_owner, s) for s in range(parts)]
         self.share = [sum(flops[i] for i in stage) / max(1, sum(flops)) for stage in self.stages]
-        self.modules, self.pending = modules, collections.deque()
+        self.pending = collections.deque()
         if run.main:
-            print("pipeline: " + "; ".join(f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
-                                           f"{modules[st.stop - 1][-1]}), {share:.0%} of the training FLOPs"
-                                           for s, (st, share) in enumerate(zip(self.stages, self.share))), flush=True)
+            described = [f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
+                         f"{modules[st.stop - 1][-1]}), {share:.0%} of the training FLOPs"
+                         for s, (st, share) in enumerate(zip(self.stages, self.share))]
+            print("pipeline: " + "; ".join(described), flush=True)
 
     def receive(self, x, batch):
         if self.stage == 0:
@@ -806,7 +807,7 @@ class Pipeline:
                     if opt.state[p].get("momentum_buffer") is None:
                         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
                     tensors.append(opt.state[p]["momentum_buffer"])
-            for dtype in {t.dtype for t in tensors}:
+            for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every process
                 group = [t for t in tensors if t.dtype == dtype]
                 flat = torch.cat([t.reshape(-1) for t in group])
                 dist.broadcast(flat, s)

@@ -176,7 +176,8 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, h, x, y):
-        return F.cross_entropy(self.fc(h.mean((2, 3))), y)
+        logits = self.fc(h.mean((2, 3)))
+        return F.cross_entropy(logits, y), logits
 
 
 class ImageNetHead(nn.Module):
@@ -191,7 +192,8 @@ class ImageNetHead(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, h, x, y):
-        return F.cross_entropy(self.fc(self.convs(h).mean((2, 3))), y)
+        logits = self.fc(self.convs(h).mean((2, 3)))
+        return F.cross_entropy(logits, y), logits
 
 
 class DGLHead(nn.Module):
@@ -207,7 +209,8 @@ class DGLHead(nn.Module):
                                    for f in (width, hidden, hidden)], nn.Linear(hidden, num_classes))
 
     def forward(self, h, x, y):
-        return F.cross_entropy(self.mlp(self.convs(h).mean((2, 3))), y)
+        logits = self.mlp(self.convs(h).mean((2, 3)))
+        return F.cross_entropy(logits, y), logits
 
 
 def supcon_loss(features, y, temperature=TEMPERATURE):
@@ -248,8 +251,9 @@ class InfoProLoss(nn.Module):
         up = F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True)
         reconstruction = F.binary_cross_entropy_with_logits(self.decoder(up), x * self.std + self.mean)
         out = self.fc(self.conv(h).mean((2, 3)))
-        task = supcon_loss(out, y) if self.contrast else F.cross_entropy(out, y)
-        return self.ixx * reconstruction + self.ixy * task
+        if self.contrast:
+            return self.ixx * reconstruction + self.ixy * supcon_loss(out, y), None
+        return self.ixx * reconstruction + self.ixy * F.cross_entropy(out, y), out
 
 
 class Window(nn.Module):
@@ -264,11 +268,14 @@ class Window(nn.Module):
         self.ema.requires_grad_(False)
 
     def forward(self, own, z, x, y):
-        """0.001 * independent loss + 0.999 * cascaded loss (one backward per window)."""
+        """0.001 * independent loss + 0.999 * cascaded loss (one backward per window), and the
+        cascaded head's logits (every head returns its loss and logits, None for SupCon)."""
         z = self.leap[0](z) + self.ema(z)
         for block in self.leap[1:]:
             z = block(z)
-        return W_OWN * self.own(own, x, y) + W_CASCADE * self.cascade(z, x, y)
+        own_loss, _ = self.own(own, x, y)
+        cascade_loss, logits = self.cascade(z, x, y)
+        return W_OWN * own_loss + W_CASCADE * cascade_loss, logits
 
 
 def base_name(value):
@@ -370,7 +377,8 @@ def local_step(net, modules, aux, args, i, u, x, y):
     per window), from u, the detached input of the window's first module: modules i-c+1..i, leap
     path and cascaded loss, plus module i alone on the detached output of module i-1 for the
     independent loss. Returns the detached output of the window's first module (the next window's
-    input) and the window's loss; common.run_modules back-propagates it at once. The last window
+    input), the window's loss and its cascaded head's logits; common.run_modules back-propagates
+    the loss at once. The last window
     trains on the network's head (on ImageNet mixed 0.999 : 0.001 with module K-1 alone on its
     detached input, as the official ImageNet code); then the EMA copies follow the backbone (its
     weights before the update, which the backward does not change)."""
@@ -383,7 +391,7 @@ def local_step(net, modules, aux, args, i, u, x, y):
         h = net.run(modules[j], h)
     if i < len(modules) - 1:
         own = net.run(modules[i], h.detach())
-        return first, aux[i - c + 1](own, net.run(modules[i], h), x, y), None
+        return first, *aux[i - c + 1](own, net.run(modules[i], h), x, y)
     logits = net.head(net.run(modules[i], h))
     loss = F.cross_entropy(logits, y)
     if args.arch in common.IMAGENET_ARCHS:

@@ -130,8 +130,8 @@ def reference_gradients(net, modules, aux, base, x, y, imagenet=False):
         z = window.leap[0](h) + window.ema(h)
         for block in window.leap[1:]:
             z = block(z)
-        add(window.cascade(z, x, y), 0.999)
-        add(window.own(net.run(modules[i], inputs[i]), x, y), 0.001)
+        add(window.cascade(z, x, y)[0], 0.999)
+        add(window.own(net.run(modules[i], inputs[i]), x, y)[0], 0.001)
     h = inputs[k - c]
     for layers in modules[k - c:]:
         h = net.run(layers, h)

@@ -1,0 +1,121 @@
+"""--pipeline: the K modules trained as P stages, one per process (gloo on the CPU), must end with
+exactly the parameters, buffers, momentum, metrics and checkpoint of the same run in one process."""
+import itertools
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import QUICK, ROOT, read_json, read_jsonl, run_script
+
+SMALL = ["--subset", "128", "--batch-size", "32"]  # 4 steps per epoch
+
+
+def torchrun(script, out, procs, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           f"{script}.py", *QUICK, *SMALL, "--out", str(out), "--pipeline", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the sequential run below uses one thread too
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def sequential(script, out, *args):
+    """The same run in this process, with one thread like each pipeline process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_script(script, out, *SMALL, *args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_run(a, b):
+    ca, cb = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False) for d in (a, b))
+    assert ca["model"].keys() == cb["model"].keys()
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for key in sa:
+        assert torch.equal(sa[key]["momentum_buffer"], sb[key]["momentum_buffer"]), key
+    drop = lambda lines: [{k: v for k, v in l.items() if k != "elapsed_s"} for l in lines]
+    assert drop(read_jsonl(os.path.join(a, "metrics.jsonl"))) == drop(read_jsonl(os.path.join(b, "metrics.jsonl")))
+
+
+CASES = [("dgl", ["--k", 4]), ("infopro", ["--k", 4]), ("auglocal", ["--k", 8]),
+         ("contsup", ["--k", 4, "--context", "R2"])]
+
+
+@pytest.mark.parametrize("script,args", CASES, ids=[c[0] for c in CASES])
+def test_pipeline_equals_sequential_training(tmp_path, script, args):
+    args = [*args, "--epochs", 2, "--steps", 6]  # an epoch and a half: checkpoints, metrics, --steps
+    sequential(script, tmp_path / "seq", *args)
+    seq = read_json(tmp_path / "seq" / "summary.json")
+    for procs in (2, 3):
+        proc = torchrun(script, tmp_path / f"p{procs}", procs, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_same_run(tmp_path / "seq", tmp_path / f"p{procs}")
+        summary = read_json(tmp_path / f"p{procs}" / "summary.json")
+        stages = summary["stages"]
+        assert len(stages) == procs and sum((s["modules"] for s in stages), []) == list(range(len(seq["modules"])))
+        assert abs(sum(s["flops_share"] for s in stages) - 1) < 1e-3
+        assert summary["rank_max_abs_diff"] == 0.0  # every process holds the whole trained model
+        assert summary["final_test_acc"] == seq["final_test_acc"] and summary["steps"] == 6
+        # Each stage saves only its own modules' activations; the local backwards free them module by
+        # module, so the largest stage peak is the sequential peak.
+        assert max(s["act_mem_bytes"] for s in stages) == seq["act_mem_bytes"]
+        assert min(s["act_mem_bytes"] for s in stages) < seq["act_mem_bytes"]
+
+
+def test_pipelined_run_resumes_exactly_and_either_mode_resumes_the_other(tmp_path):
+    args = ["--k", 4, "--epochs", 2]
+    sequential("dgl", tmp_path / "straight", *args)
+    proc = torchrun("dgl", tmp_path / "run", 2, *args, "--steps", 4)  # stops after epoch 1, checkpointed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [l["epoch"] for l in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    proc = torchrun("dgl", tmp_path / "run", 2, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "run")
+    # A pipelined checkpoint continues in one process, and a sequential one under --pipeline.
+    run_script("dgl", tmp_path / "half", *SMALL, *args, "--steps", 4)
+    proc = torchrun("dgl", tmp_path / "half", 2, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_json(tmp_path / "half" / "summary.json")["steps"] == 8
+
+
+def test_pipeline_stage_cuts_by_hand_and_bad_cuts(tmp_path):
+    proc = torchrun("dgl", tmp_path / "a", 2, "--k", 4, "--steps", 1, "--pipeline-cuts", 3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [s["modules"] for s in read_json(tmp_path / "a" / "summary.json")["stages"]] == [[0, 1, 2], [3]]
+    proc = torchrun("dgl", tmp_path / "b", 2, "--k", 4, "--steps", 1, "--pipeline-cuts", 4)
+    assert proc.returncode != 0 and "--pipeline-cuts needs 1 increasing module indices from 1 to 3" in proc.stderr
+    proc = torchrun("dgl", tmp_path / "c", 3, "--k", 2, "--steps", 1)
+    assert proc.returncode != 0 and "--pipeline over 3 processes needs at least 3 modules" in proc.stderr
+
+
+def test_pipeline_refusals_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="bp.py cannot pipeline its modules: end-to-end training is one module"):
+        run_script("bp", tmp_path / "a", "--pipeline")
+    with pytest.raises(SystemExit, match="mlaan.py cannot pipeline its modules: its windows span several modules"):
+        run_script("mlaan", tmp_path / "b", "--pipeline")
+    with pytest.raises(SystemExit, match="--pipeline trains one stage per process: launch the script with torchrun"):
+        run_script("dgl", tmp_path / "c", "--k", 4, "--pipeline")
+    with pytest.raises(SystemExit, match="--pipeline-cuts sets the stages of --pipeline"):
+        run_script("dgl", tmp_path / "d", "--k", 4, "--pipeline-cuts", 2)
+
+
+def test_balanced_cuts_minimise_the_slowest_stage():
+    assert common.balanced_cuts([1, 1, 1, 1], 2) == [2]
+    assert common.balanced_cuts([5, 1, 1, 1, 1, 1], 2) == [1]
+    assert common.balanced_cuts([1, 2, 3], 3) == [1, 2]
+    rng = random.Random(0)
+    for _ in range(50):  # against every way to cut
+        costs = [rng.randint(1, 9) for _ in range(rng.randint(2, 7))]
+        parts = rng.randint(1, len(costs))
+        cuts = common.balanced_cuts(costs, parts)
+        worst = lambda c: max(sum(costs[a:b]) for a, b in zip([0, *c], [*c, len(costs)]))
+        best = min(worst(list(c)) for c in itertools.combinations(range(1, len(costs)), parts - 1))
+        assert len(cuts) == parts - 1 and worst(cuts) == best
