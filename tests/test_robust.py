@@ -24,6 +24,8 @@ TINY = ["--dataset", "synthetic", "--arch", "resnet32", "--subset", "64", "--bat
 # The run that interrupted and resumed runs must reproduce bit for bit: 4 steps per epoch, 2 epochs.
 EXACT = ["--dataset", "synthetic", "--arch", "resnet32", "--subset", "128", "--batch-size", "32", "--device", "cpu",
          "--k", "2", "--epochs", "2"]
+# A dgl run with 3 steps per epoch (the third is the first one timed, after 2 warm-up steps).
+AFTER_EPOCH_1 = ["--k", "2", "--epochs", "2", "--subset", "96"]
 
 
 def tiny(name, out, *args):
@@ -65,9 +67,10 @@ def straight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def after_epoch_1(tmp_path_factory):
-    """A dgl run of 2 epochs stopped by --steps after epoch 1 (its checkpoint)."""
+    """A dgl run of 2 epochs of 3 steps stopped by --steps after epoch 1 (its checkpoint); its
+    third step is the first one timed for images_per_s (after 2 warm-up steps)."""
     out = tmp_path_factory.mktemp("epoch1") / "run"
-    tiny("dgl", out, "--k", "2", "--epochs", "2", "--steps", "2")
+    tiny("dgl", out, *AFTER_EPOCH_1, "--steps", "3")
     return out
 
 
@@ -148,7 +151,7 @@ def test_truncated_checkpoint(after_epoch_1, tmp_path):
     path = out / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(SystemExit) as e:
-        tiny("dgl", out, "--k", "2", "--epochs", "2", "--resume")
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
     one_line_error(e, f"cannot read {path}", "delete it")
 
 
@@ -157,13 +160,13 @@ def test_another_runs_checkpoint(after_epoch_1, tmp_path):
     tiny("bp", tmp_path / "bp", "--epochs", "2", "--steps", "2")
     shutil.copy(tmp_path / "bp" / "checkpoint.pt", out / "checkpoint.pt")
     with pytest.raises(SystemExit) as e:
-        tiny("dgl", out, "--k", "2", "--epochs", "2", "--resume")
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
     one_line_error(e, "is a bp.py run, not dgl.py")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     del ckpt["args"]  # as written before checkpoints named their run: args.json says dgl, the weights are bp's
     torch.save(ckpt, out / "checkpoint.pt")
     with pytest.raises(SystemExit) as e:
-        tiny("dgl", out, "--k", "2", "--epochs", "2", "--resume")
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
     one_line_error(e, "does not fit this model")
 
 
@@ -171,8 +174,8 @@ def test_half_written_metrics_line_is_dropped(after_epoch_1, tmp_path):
     out = copy_run(after_epoch_1, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "lr": 0.0, "train_lo')  # killed while appending
-    summary = tiny("dgl", out, "--k", "2", "--epochs", "2", "--resume")
-    assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1, 2] and summary["steps"] == 4
+    summary = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1, 2] and summary["steps"] == 6
 
 
 def test_out_that_is_a_file(tmp_path):
@@ -301,17 +304,13 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(straight, tmp_path):
     assert read_jsonl(straight / "metrics.jsonl") == read_jsonl(out / "metrics.jsonl")  # train loss too
 
 
-def test_save_every_resumes_exactly_and_keeps_measurements(straight, tmp_path, one_thread, capsys):
+def test_save_every_resumes_exactly(straight, tmp_path, one_thread, capsys):
     out = tmp_path / "run"
-    first = run_script("dgl", out, *EXACT, "--save-every", "5", "--steps", "7", "--quiet", quick=False)
+    run_script("dgl", out, *EXACT, "--save-every", "5", "--steps", "7", "--quiet", quick=False)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["partial"]["batch"] == 1  # step 5: epoch 2, batch 1
-    resumed = run_script("dgl", out, *EXACT, "--resume", "--quiet", quick=False)  # steps 6-8
+    run_script("dgl", out, *EXACT, "--resume", "--quiet", quick=False)  # steps 6-8
     same_state(checkpoint_state(straight), checkpoint_state(out))
     assert read_jsonl(straight / "metrics.jsonl") == read_jsonl(out / "metrics.jsonl")
-    assert resumed["act_mem_bytes"] == first["act_mem_bytes"] and resumed["images_per_s"] > 0
-    again = run_script("dgl", out, *EXACT, "--resume", "--quiet", quick=False)  # a finished run: nothing to do
-    assert {k: again[k] for k in ("act_mem_bytes", "images_per_s")} == {k: resumed[k] for k in ("act_mem_bytes",
-                                                                                               "images_per_s")}
     for line in capsys.readouterr().out.splitlines():  # --quiet: JSON lines only
         json.loads(line)
 
@@ -333,6 +332,17 @@ def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["steps"] == 3 and ckpt["partial"]["batch"] == 3
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
+
+
+# ---- 6. what was measured survives a resume ------------------------------------------------------
+
+def test_resume_keeps_the_measurements(after_epoch_1, tmp_path):
+    out = copy_run(after_epoch_1, tmp_path)
+    resumed = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    assert resumed["act_mem_bytes"] > 0 and resumed["images_per_s"] > 0
+    again = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")  # a finished run: nothing to train
+    keys = ("act_mem_bytes", "images_per_s", "steps")
+    assert {k: again[k] for k in keys} == {k: resumed[k] for k in keys}
 
 
 # ---- 8. start and progress lines -------------------------------------------------------------------
