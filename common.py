@@ -553,7 +553,7 @@ def load_data(args, device):
 # Arguments and the training protocol.
 # ----------------------------------------------------------------------------------------------
 
-# Arguments that may change when a run is resumed; every other one must match the run's args.json.
+# Arguments that may change when a run is resumed; every other one must match the checkpoint's (args.json).
 RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers", "save_every", "quiet"}
 SAVE_EVERY_IMAGENET = 1000  # steps: a mid-epoch checkpoint every 10-30 minutes on 8 GPUs
 
@@ -980,8 +980,10 @@ class Run:
         else:
             bad = [name for name, t in model.state_dict().items()
                    if t.is_floating_point() and not torch.isfinite(t).all()]
-            what = f"the model state became non-finite in epoch {epoch} (NaN or inf in {len(bad)} tensors, e.g. {bad[0]})"
-        last = f"the last good checkpoint is {self.ckpt_path} ({self.saved})" if self.saved else "no checkpoint was written"
+            what = (f"the model state became non-finite in epoch {epoch} (NaN or inf in {len(bad)} tensors, "
+                    f"e.g. {bad[0]})")
+        last = (f"the last good checkpoint is {self.ckpt_path} ({self.saved})" if self.saved
+                else "no checkpoint was written")
         die(f"{what}; lower --lr (it was {lr:.4g} in epoch {epoch}) or check the data; {last}")
 
     def _save_mid_epoch(self, epoch, lr, stats, model, opt):

@@ -141,7 +141,8 @@ def test_a_subset_without_a_full_step_is_refused(tmp_path):
 def test_bad_input_exits_1_with_one_line(tmp_path):
     cmd = [sys.executable, "dgl.py", *TINY, "--lr", "-0.1", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: --lr must be a positive number, got -0.1"]
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: --lr must be a positive number, got -0.1"]
 
 
 # ---- 3. damaged and unwritable files ---------------------------------------------------------------
