@@ -192,6 +192,7 @@ def build_aux(args, net, modules, data):
         common.die(f"--aux-depth must be 0 or more (the number of blocks per aux net), got {depth}")
     if not 0 <= coeff <= 1:
         common.die(f"--pyramid-coeff must be between 0 (no pyramid) and 1, got {coeff}")
+    args.aux_depth, args.pyramid_coeff = depth, coeff  # the values used, for args.json and --resume
     n_layers = len(net.layers)
     if args.k_rule == "official":
         kept = args.k - depth

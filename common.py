@@ -9,10 +9,14 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
 import pickle
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -286,33 +290,58 @@ def fake_images(spec, n, seed):
             torch.randint(0, spec.num_classes, (n,), generator=g))
 
 
+@contextlib.contextmanager
+def damaged_file(path):
+    """A file that cannot be parsed (truncated, garbage) stops the run with one line naming it."""
+    try:
+        yield
+    except Exception as e:  # pickle, numpy and scipy each raise their own kinds
+        die(f"{path} is damaged ({type(e).__name__}); replace it, or delete the dataset's files under "
+            f"--data-dir to download them again")
+
+
 def _unpickle(path):
     with open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")
 
 
+def _check_sizes(x, y):
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    return x, y
+
+
 def _read_cifar(root, folder, train_files, test_files, label_key):
+    def read_one(path):
+        with damaged_file(path):
+            b = _unpickle(path)
+            return _check_sizes(b["data"].reshape(-1, 3, 32, 32), np.asarray(b[label_key]))
+
     def read(files):
-        batches = [_unpickle(os.path.join(root, folder, f)) for f in files]
-        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        return x, np.concatenate([b[label_key] for b in batches])
+        batches = [read_one(os.path.join(root, folder, f)) for f in files]
+        return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
     return read(train_files), read(test_files)
 
 
 def _read_svhn(root):
     from scipy.io import loadmat
     def read(split):
-        m = loadmat(os.path.join(root, f"{split}_32x32.mat"))
-        y = m["y"].astype(np.int64).squeeze(1)
-        return np.transpose(m["X"], (3, 2, 0, 1)), np.where(y == 10, 0, y)  # label 10 means digit 0
+        path = os.path.join(root, f"{split}_32x32.mat")
+        with damaged_file(path):
+            m = loadmat(path)
+            y = m["y"].astype(np.int64).squeeze(1)
+            # label 10 means digit 0
+            return _check_sizes(np.transpose(m["X"], (3, 2, 0, 1)), np.where(y == 10, 0, y))
     return read("train"), read("test")
 
 
 def _read_stl10(root):
     def read(split):
         base = os.path.join(root, "stl10_binary", split)
-        x = np.fromfile(base + "_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
-        return x, np.fromfile(base + "_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels 1..10
+        with damaged_file(base + "_X.bin"):
+            x = np.fromfile(base + "_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        with damaged_file(base + "_y.bin"):
+            return _check_sizes(x, np.fromfile(base + "_y.bin", dtype=np.uint8).astype(np.int64) - 1)  # labels 1..10
     return read("train"), read("test")
 
 
@@ -362,6 +391,11 @@ class Data:
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.augment_train = augment
+        self.aug_gen = None  # the running epoch's augmentation generator (its state goes into mid-epoch checkpoints)
+        self.num_train = len(self.train_y)
+
+    def steps_per_epoch(self, batch_size, world=1):
+        return full_batches(self.num_train, batch_size, 2 * world)
 
     def normalize(self, x_uint8):
         return (x_uint8.float() / 255 - self.mean) / self.std
@@ -380,13 +414,17 @@ class Data:
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
         return (x - self.mean) / self.std
 
-    def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
+    def train_batches(self, epoch, batch_size, seed, rank=0, world=1, first_batch=0, aug_state=None):
         """Shuffled, augmented batches of one epoch, deterministic in (seed, epoch): the same
-        permutation on every rank, each rank taking its shard of every global batch."""
+        permutation on every rank, each rank taking its shard of every global batch. A resumed
+        epoch starts at `first_batch` with the augmentation generator's saved state."""
         shuffle = torch.Generator(device=self.device).manual_seed(seed * 100003 + epoch)
         order = torch.randperm(len(self.train_y), device=self.device, generator=shuffle)
         aug = torch.Generator(device=self.device).manual_seed((seed * 100003 + epoch) * 1009 + rank + 1)
-        for start in range(0, len(order), batch_size):
+        if aug_state is not None:
+            aug.set_state(aug_state)
+        self.aug_gen = aug
+        for start in range(first_batch * batch_size, len(order), batch_size):
             idx = order[start:start + batch_size]
             if len(idx) < 2 * world:  # BatchNorm needs 2+ samples on every rank: drop a tiny last batch
                 break
@@ -404,13 +442,36 @@ class Data:
         return sum(t.numel() * t.element_size() for t in (self.train_x, self.train_y, self.test_x, self.test_y))
 
 
+def full_batches(n, batch_size, min_last):
+    """Batches of an epoch over n images when a last batch under min_last images is dropped."""
+    return n // batch_size + (n % batch_size >= min_last)
+
+
+class UnreadableImage(Exception):
+    """An image file PIL cannot decode (raised in a DataLoader worker, reported by _batches)."""
+
+
+def _worker_init(worker_id):
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which finishes its step and
+    checkpoints; a worker that died on the signal would break that last step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def load_image(path):
+    from torchvision.datasets.folder import default_loader
+    try:
+        return default_loader(path)
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise UnreadableImage(f"{path} ({e})") from None
+
+
 class ImageFolderData:
     """ImageNet from `DIR/train` and `DIR/val` (ImageFolder layout), read by DataLoader workers:
     RandomResizedCrop + flip for training, Resize (256/224 of the crop) + CenterCrop for testing.
     Each rank reads its shard through a DistributedSampler; the same interface as `Data`."""
 
     def __init__(self, args, device):
-        import torchvision.datasets as datasets
         import torchvision.transforms as T
         spec, size = DATASETS["imagenet"], args.image_size
         for split in ("train", "val"):
@@ -418,34 +479,56 @@ class ImageFolderData:
                 die(f"imagenet needs {os.path.join(os.path.abspath(args.data_dir), split)} in ImageFolder layout "
                     f"(one folder of images per class); pass --data-dir, or run offline with --dataset synthetic")
         norm = T.Normalize(spec.mean, spec.std)
-        self.train_set = datasets.ImageFolder(os.path.join(args.data_dir, "train"), T.Compose(
-            [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-        self.test_set = datasets.ImageFolder(os.path.join(args.data_dir, "val"), T.Compose(
-            [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm]))
+        self.train_set = self._folder(args.data_dir, "train",
+                                      [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        self.test_set = self._folder(args.data_dir, "val",
+                                     [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
         self.name, self.spec, self.image_size = "imagenet", spec, size
-        self.num_classes = len(self.train_set.classes)
+        self.num_classes, self.num_train, self.aug_gen = len(self.train_set.classes), len(self.train_set), None
         self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.device, self.workers, self.resident_bytes = device, args.workers, 0
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
+    @staticmethod
+    def _folder(data_dir, split, transforms):
+        """The ImageFolder of one split. A class folder without images stops the run at once; a
+        corrupt image stops it when read, naming the file (skipping it would change the batches)."""
+        import torchvision.datasets as datasets
+        import torchvision.transforms as T
+        root = os.path.join(os.path.abspath(data_dir), split)
+        try:
+            return datasets.ImageFolder(root, T.Compose(transforms), loader=load_image)
+        except FileNotFoundError as e:
+            die(f"{root}: {e}; add the images or remove the empty class folders")
+
     def _batches(self, dataset, sampler, batch_size, seed, min_size=1):
         if self.workers == 0:  # the transforms then draw from this process's RNG: make it repeatable
             torch.manual_seed(seed)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers, worker_init_fn=_worker_init,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
-        for x, y in loader:
-            if len(y) < min_size:  # the sampler gives every rank the same sizes, so all ranks skip it
-                break
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield x, y.to(self.device, non_blocking=True)
+        try:
+            for x, y in loader:
+                if len(y) < min_size:  # the sampler gives every rank the same sizes, so all ranks skip it
+                    break
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                yield x, y.to(self.device, non_blocking=True)
+        except UnreadableImage as e:  # from a worker, the message is its traceback: the last line names the file
+            die(f"cannot read the image {str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]}; "
+                f"replace or delete the file")
 
-    def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
+    def steps_per_epoch(self, batch_size, world=1):
+        return full_batches(math.ceil(self.num_train / world), batch_size // world, 2)
+
+    def train_batches(self, epoch, batch_size, seed, rank=0, world=1, first_batch=0, aug_state=None):
+        """A resumed epoch skips the sampler's first `first_batch` batches (the same images follow;
+        the workers' crops and flips are drawn anew)."""
         sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)  # every rank has the same number of batches (the sampler pads)
+        order = list(sampler)[first_batch * (batch_size // world):]
         # BatchNorm (and SupCon) need 2+ samples: a last batch of 1 is dropped, as in Data.train_batches.
-        return self._batches(self.train_set, sampler, batch_size // world, (seed * 100003 + epoch) * 1009 + rank, 2)
+        return self._batches(self.train_set, order, batch_size // world, (seed * 100003 + epoch) * 1009 + rank, 2)
 
     def test_batches(self, batch_size, rank=0, world=1):
         shard = list(range(rank, len(self.test_set), world))
@@ -474,9 +557,11 @@ def load_data(args, device):
 # Arguments and the training protocol.
 # ----------------------------------------------------------------------------------------------
 
-# Arguments that may change when a run is resumed; every other one must match the run's args.json.
+# Arguments that may change when a run is resumed; every other one must match the checkpoint's (args.json).
 # A pipelined and a sequential run train the same model, so either may resume the other.
-RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers", "pipeline", "pipeline_cuts", "module_acc"}
+RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers", "save_every", "quiet", "pipeline",
+                  "pipeline_cuts", "module_acc"}
+SAVE_EVERY_IMAGENET = 1000  # steps: a mid-epoch checkpoint every 10-30 minutes on 8 GPUs
 
 
 def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None, no_pipeline=None):
@@ -515,6 +600,10 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and data")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every layer, the head and every auxiliary net (backwards stay per module)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help=f"also checkpoint every N steps within an epoch (0: at epoch ends only); default "
+                   f"{SAVE_EVERY_IMAGENET} on imagenet, else 0")
+    p.add_argument("--quiet", action="store_true", help="no start and progress lines (the JSON lines stay)")
     p.add_argument("--pipeline", action="store_true",
                    help="under torchrun --nproc_per_node=P: train the K modules as P pipelined stages, one per "
                    "process, instead of P data-parallel replicas (the same result as one process)")
@@ -541,15 +630,22 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     spec = DATASETS[args.dataset]
     if args.dataset == "imagenet":
         spec = dataclasses.replace(spec, **{"epochs": 90, **imagenet})
-    args.epochs = args.epochs or spec.epochs or epochs
-    args.batch_size = args.batch_size or spec.batch_size
+    args.epochs = (spec.epochs or epochs) if args.epochs is None else args.epochs
+    args.batch_size = spec.batch_size if args.batch_size is None else args.batch_size
     args.lr = spec.lr if args.lr is None else args.lr
     args.warmup_epochs = spec.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
+    if args.save_every is None:
+        args.save_every = SAVE_EVERY_IMAGENET if args.dataset == "imagenet" else 0
     args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}-{args.arch}-k{args.k}")
-    for name in ("epochs", "batch_size", "steps", "subset", "image_size"):
+    minimum = {"epochs": 1, "batch_size": 2, "steps": 1, "subset": 1, "image_size": 1, "warmup_epochs": 0,
+               "workers": 0, "save_every": 0, "momentum": 0, "weight_decay": 0}
+    for name, low in minimum.items():
         value = getattr(args, name)
-        if value is not None and value < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if value is not None and not value >= low:
+            why = " (BatchNorm needs 2+ images per batch)" if name == "batch_size" else ""
+            die(f"--{name.replace('_', '-')} must be at least {low}{why}, got {value}")
+    if not 0 < args.lr < math.inf:
+        die(f"--lr must be a positive number, got {args.lr}")
     if args.pipeline and no_pipeline:
         die(f"{method}.py cannot pipeline its modules: {no_pipeline}; run it without --pipeline")
     if args.pipeline_cuts and not args.pipeline:
@@ -679,11 +775,23 @@ class ModuleMeter:
                 self.right.index_add_(0, self._ids(ids_here), right)
             self.seen[list(ids_here), column] += len(y)
 
+    def state(self):
+        """The sums so far, for a mid-epoch checkpoint."""
+        return torch.stack([self.loss.double(), self.right.double(),
+                            *torch.tensor(self.seen.T, dtype=torch.float64, device=self.loss.device)])
+
+    def load(self, state):
+        state = state.to(self.loss.device)
+        self.loss.copy_(state[0])
+        self.right.copy_(state[1])
+        self.seen = state[2:].T.cpu().numpy()
+
+    def mean_loss(self, i):
+        return (self.loss[i] / max(self.seen[i, 0], 1)).item()
+
     def result(self, run):
         """Summed over the ranks (data-parallel shards or pipeline stages)."""
-        sums = torch.stack([self.loss.double(), self.right.double(),
-                            *torch.tensor(self.seen.T, dtype=torch.float64, device=self.loss.device)])
-        loss, right, with_loss, with_logits = run.all_sum(sums).tolist()
+        loss, right, with_loss, with_logits = run.all_sum(self.state()).tolist()
         module_loss = [l / n if n else None for l, n in zip(loss, with_loss)]
         module_acc = [r / n if n else None for r, n in zip(right, with_logits)]
         return {"train_loss": module_loss[-1], "train_acc": module_acc[-1],
@@ -828,6 +936,8 @@ class Pipeline:
 # ----------------------------------------------------------------------------------------------
 
 WARMUP_STEPS = 2  # steps before CUDA peak memory and throughput are measured (cuDNN autotuning)
+PROGRESS_STEPS, PROGRESS_S = 500, 60.0  # a progress line after this many steps or seconds, whichever first
+STOP_CHECK_STEPS = 10  # under torchrun the ranks agree on a SIGTERM / SIGINT every this many steps
 
 
 class Run:
@@ -835,7 +945,9 @@ class Run:
         self.args = args
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device is None:  # resolved here, so that args.json and the checkpoint say what was used
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = args.device
         if device.startswith("cuda") and not torch.cuda.is_available():
             die(f"--device {device} but no CUDA device is visible; use --device cpu")
         if device == "cuda" and self.world > 1:
@@ -855,8 +967,12 @@ class Run:
         self.data_rank = 0 if args.pipeline else self.rank
         if args.batch_size % self.replicas:
             die(f"--batch-size {args.batch_size} does not split over {self.world} processes; use a multiple")
+        if args.batch_size < 2 * self.replicas:
+            die(f"--batch-size {args.batch_size} leaves fewer than 2 images per process (BatchNorm needs 2+); "
+                f"use at least {2 * self.replicas}")
         self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
+        self.args_path = os.path.join(args.out, "args.json")
         self.start_epoch, self.steps, self.best_acc, self.acc = 1, 0, 0.0, None
         self.interrupted = False  # --steps stopped an epoch before its end
         self.act_meter = None
@@ -864,36 +980,65 @@ class Run:
         self.process_steps, self.timed_images, self.timed_s, self._t0 = 0, 0, 0.0, None
         self.peak_mem_bytes = self.peak_reserved_bytes = None
         self.mem_base = 0
+        self.data, self.steps_per_epoch = None, 0
+        self.partial = None     # where a mid-epoch checkpoint stopped (the epoch to resume there)
+        self.batch = 0          # batches done in the running epoch
+        self.saved = None       # the last good checkpoint, in words
+        self.signal = None      # the SIGTERM / SIGINT received, acted on after the current step
+        self._old_handlers = {}
+        self._t_start = self._line = None  # for progress lines: start time, (time, steps) of the last line
         self.step, self.k, self.stage_modules, self.pipeline = None, None, None, None
         self.clock_start, self.elapsed_before = time.perf_counter(), 0.0  # wall time, across resumes
         self._prepare_out()
 
     def _prepare_out(self):
-        args, saved = self.args, os.path.join(self.args.out, "args.json")
-        if args.resume:
-            if not os.path.exists(self.ckpt_path):
-                die(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
-            with open(saved) as f:
-                before = json.load(f)
-            for key, value in vars(args).items():
-                if key not in RESUMABLE_ARGS and before.get(key) != value:
-                    flag = "--" + key.replace("_", "-")
-                    die(f"--resume: the run in {args.out} has {flag} {before.get(key)}, not {value}; "
-                        f"resume with the same arguments or choose another --out")
-        elif os.path.exists(saved):
+        """A folder holds a run once it has a checkpoint: a run that stopped before its first one
+        (bad data or arguments, a crash or kill in epoch 1) leaves nothing that blocks a new start."""
+        args = self.args
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            die(f"--out {args.out} is a file, not a folder; choose another --out")
+        if args.resume and not os.path.exists(self.ckpt_path):
+            die(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
+        if not args.resume and os.path.exists(self.ckpt_path):
             die(f"{args.out} already holds a run; pass --resume to continue it or --out to start another")
         if self.world > 1:
             dist.barrier()  # every rank has checked the folder before rank 0 writes to it
         if self.main:
-            os.makedirs(args.out, exist_ok=True)
-            atomic_write_text(saved, json.dumps(vars(args), indent=2) + "\n")
+            with writing(args.out):
+                os.makedirs(args.out, exist_ok=True)
+                for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp[0-9]*")):
+                    os.remove(tmp)  # left by a process killed while it was saving
+            if not args.resume:  # clear what an attempt that died before its first checkpoint left
+                atomic_write_text(self.metrics_path, "")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.out, "summary.json"))
+
+    def _check_same_run(self, before):
+        """Refuse to resume with other arguments than the checkpoint's (as resolved: build_aux
+        stores the method's defaults in args), naming the first that differs."""
+        now = json.loads(json.dumps(vars(self.args)))  # tuples as lists, as in args.json
+        for key in sorted(now, key=lambda k: k != "method"):  # another script first: its K differs too
+            if key in RESUMABLE_ARGS or before.get(key) == now[key]:
+                continue
+            if key == "method":
+                die(f"--resume: the run in {self.args.out} is a {before.get(key)}.py run, not {now[key]}.py; "
+                    f"resume it with {before.get(key)}.py or choose another --out")
+            die(f"--resume: the run in {self.args.out} has --{key.replace('_', '-')} {before.get(key)}, not "
+                f"{now[key]}; resume with the same arguments or choose another --out")
 
     # -- model state ----------------------------------------------------------------------------
     def start(self, model, opt, data, modules, step):
-        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1, cut them into pipeline
-        stages with --pipeline, resume from the checkpoint if asked, apply --channels-last and
-        --compile, and remember the resident data for memory accounting. Returns the epochs still
-        to train."""
+        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1 (cut into pipeline
+        stages with --pipeline), resume from the checkpoint if asked (else record the arguments, as
+        the model was built with them), apply --channels-last and --compile, remember the resident
+        data for memory accounting, catch SIGTERM / SIGINT and print the start line. Returns the
+        epochs to train."""
+        args = self.args
+        self.data, self.steps_per_epoch = data, data.steps_per_epoch(args.batch_size, self.replicas)
+        if self.steps_per_epoch == 0:
+            die(f"--batch-size {args.batch_size} leaves no training step on {data.num_train} training images "
+                f"(a last batch under 2 images per process is dropped for BatchNorm); use a smaller "
+                f"--batch-size or more images (--subset)")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.mem_base = data.resident_bytes
@@ -902,25 +1047,77 @@ class Run:
             self.pipeline = Pipeline(self, model, data, modules, step)
             self.stage_modules = self.pipeline.own
         self.act_meter = SavedTensorMeter(model.parameters())
-        if self.args.resume:
-            ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            self.start_epoch, self.steps, self.best_acc = ckpt["epoch"] + 1, ckpt["steps"], ckpt["best_test_acc"]
-            self.acc = ckpt["test_acc"]
-            self.elapsed_before = ckpt.get("elapsed_s", 0.0)
-            if self.main:  # drop metrics of work after the checkpoint (a run stopped mid-epoch)
-                with open(self.metrics_path) as f:
-                    lines = [l for l in f if json.loads(l)["epoch"] <= ckpt["epoch"]]
-                atomic_write_text(self.metrics_path, "".join(lines))
-        if self.args.channels_last:
+        if args.resume:
+            self._load(model, opt)
+        elif self.main:
+            atomic_write_text(self.args_path, json.dumps(vars(args), indent=2) + "\n")
+        self._catch_signals()
+        self._t_start = time.perf_counter()
+        self._line = (self._t_start, self.steps)
+        if self.main and not args.quiet:
+            print(f"{args.method}: {args.dataset} ({data.num_train:,} training images, {self.steps_per_epoch} "
+                  f"steps per epoch), {args.arch} in K={args.k} modules, {count_params(model):,} parameters, "
+                  f"epochs {self.start_epoch}-{args.epochs} on {self.world} x {self.device}, output in {args.out}",
+                  flush=True)
+        if args.channels_last:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         if self.args.compile:  # per piece, so that every local backward still runs at once
             torch._dynamo.config.recompile_limit = 64  # many blocks share one forward; train and eval
             for piece in (*model["net"].layers, model["net"].head, *model["aux"].children(),
                           *[m for name, m in model.items() if name not in ("net", "aux")]):
                 piece.compile()
-        return range(self.start_epoch, self.args.epochs + 1)
+        return range(self.start_epoch, args.epochs + 1)
+
+    def _load(self, model, opt):
+        try:
+            ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        except Exception as e:  # truncated, or not a checkpoint at all
+            die(f"--resume: cannot read {self.ckpt_path} ({type(e).__name__}): the file is damaged; restore a "
+                f"copy, or delete it to start the run again")
+        if "args" in ckpt:
+            self._check_same_run(ckpt["args"])
+        else:  # written before checkpoints carried their arguments
+            with open(self.args_path) as f:
+                self._check_same_run(json.load(f))
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            die(f"--resume: {self.ckpt_path} does not fit this model ({str(e).splitlines()[0]}); it belongs to "
+                f"another run: choose another --out")
+        self.start_epoch, self.steps, self.best_acc = ckpt["epoch"] + 1, ckpt["steps"], ckpt["best_test_acc"]
+        self.acc, self.partial = ckpt["test_acc"], ckpt.get("partial")
+        self.elapsed_before = ckpt.get("elapsed_s", 0.0)
+        for key, value in ckpt.get("measured", {}).items():
+            setattr(self, key, value)
+        if self.partial is not None and self.partial["replicas"] != self.replicas:
+            die(f"--resume: {self.ckpt_path} was written mid-epoch by {self.partial['replicas']} data-parallel "
+                f"processes; resume it with as many")
+        self.saved = self._describe(ckpt["epoch"], self.partial)
+        if self.main:  # drop metrics of work after the checkpoint (a run stopped mid-epoch)
+            atomic_write_text(self.metrics_path, "".join(self._metrics_until(ckpt["epoch"])))
+
+    def _metrics_until(self, epoch):
+        """metrics.jsonl's lines up to `epoch`; a half-written last line (a kill while appending) is dropped."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                die(f"{self.metrics_path} line {i + 1} is not JSON; repair or delete that line")
+            if entry["epoch"] <= epoch:
+                kept.append(line + "\n")
+        return kept
+
+    @staticmethod
+    def _describe(epoch, partial):
+        return f"epoch {epoch}" if partial is None else f"epoch {partial['epoch']}, batch {partial['batch']}"
 
     def done(self):
         return self.args.steps is not None and self.steps >= self.args.steps
@@ -935,7 +1132,7 @@ class Run:
             self._sync()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            self._t0, self.timed_images, self.timed_s = time.perf_counter(), 0, 0.0
+            self._t0 = time.perf_counter()  # timed_images and timed_s go on from a resumed checkpoint
 
     def after_step(self, batch):
         if self.process_steps == 0:
@@ -954,6 +1151,147 @@ class Run:
         """Pass the detached output of this process's last module to the next stage, if any."""
         if self.pipeline is not None:
             self.pipeline.send(h)
+
+    def begin_epoch(self, epoch, meter):
+        """Where the epoch's batches start: from zero, or where a mid-epoch checkpoint stopped (its
+        statistics go into `meter`; the batches done and the augmentation generator's state), so
+        that the resumed epoch is the uninterrupted one."""
+        self.batch, position = 0, {}
+        if self.partial is not None and self.partial["epoch"] == epoch:
+            p, self.partial = self.partial, None
+            self.batch = p["batch"]
+            if len(p["stats"]) == self.world:
+                meter.load(p["stats"][self.rank])
+            elif self.main:  # e.g. pipeline stages resumed in one process: the epoch end sums them anyway
+                meter.load(sum(p["stats"]))
+            position = {"first_batch": p["batch"], "aug_state": p["aug"][self.data_rank]}
+        return position
+
+    def between_steps(self, epoch, lr, meter, model, opt):
+        """After every step, with no host sync unless it prints or saves: a progress line now and
+        then, a --save-every checkpoint, and on SIGTERM / SIGINT a checkpoint and the exit."""
+        self.batch += 1
+        self._progress(epoch, meter)
+        stop = self._stop_requested()
+        every = self.args.save_every
+        if stop or (every and self.steps % every == 0 and self.batch < self.steps_per_epoch):
+            self._save_mid_epoch(epoch, lr, meter, model, opt)
+        if stop:
+            self._exit_on_signal()
+
+    def _progress(self, epoch, meter):
+        now = time.perf_counter()
+        last_t, last_steps = self._line
+        if not self.main or self.args.quiet or (self.steps - last_steps < PROGRESS_STEPS and now - last_t < PROGRESS_S):
+            return
+        last = self.stage_modules[-1]  # the network's head, or with --pipeline this stage's last module
+        loss = meter.mean_loss(last)  # the only host sync, once per line
+        total = self.steps_per_epoch * self.args.epochs
+        total = min(total, self.args.steps or total)
+        elapsed = now - self._t_start
+        eta = (total - self.steps) * elapsed / self.process_steps
+        speed = (self.steps - last_steps) * self.args.batch_size / (now - last_t)
+        name = "train_loss" if last == self.k - 1 else f"module_{last}_loss"
+        print(f"epoch {epoch}/{self.args.epochs} step {self.steps}/{total} {name} {loss:.4f} "
+              f"{speed:.1f} images/s elapsed {_hms(elapsed)} eta {_hms(eta)}", flush=True)
+        self._line = (now, self.steps)
+
+    # -- SIGTERM / SIGINT: finish the step, checkpoint, exit -----------------------------------------
+    def _catch_signals(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C / SIGTERM: stop at once, as without this handler
+            self._restore_signals()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+
+    def _stop_requested(self, now=False):
+        """Whether to stop after this step. A plain flag on one process; under torchrun every rank
+        must stop at the same step (a rank that went on would wait in the next all-reduce), so the
+        ranks sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`)."""
+        if self.world == 1:
+            return self.signal is not None
+        if not now and self.steps % STOP_CHECK_STEPS:
+            return False
+        flag = torch.tensor([float(self.signal is not None)], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def _exit_on_signal(self):
+        sig = signal.Signals(self.signal or signal.SIGTERM)  # this rank's, or the one another rank received
+        if self.main:
+            print(f"stopped by {sig.name} after step {self.steps}: {self.ckpt_path} holds {self.saved}; run the "
+                  f"same command with --resume to continue", file=sys.stderr, flush=True)
+        self._restore_signals()
+        if self.world > 1:
+            dist.destroy_process_group()
+        raise SystemExit(128 + sig)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def nonfinite(self, model):
+        """How many parameters and floating buffers hold a NaN or an infinity, as a 1-element tensor
+        on the device (no host sync)."""
+        flags = [~torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+        return torch.stack(flags).sum().float().view(1)
+
+    def die_nonfinite(self, epoch, lr, model, loss=None):
+        """Stop before a NaN or inf loss or model state is checkpointed, naming the lr of the epoch."""
+        if loss is not None:
+            what = f"the training loss became {loss} in epoch {epoch}"
+        else:
+            bad = [name for name, t in model.state_dict().items()
+                   if t.is_floating_point() and not torch.isfinite(t).all()]
+            what = (f"the model state became non-finite in epoch {epoch} (NaN or inf in {len(bad)} tensors, "
+                    f"e.g. {bad[0]})")
+        last = (f"the last good checkpoint is {self.ckpt_path} ({self.saved})" if self.saved
+                else "no checkpoint was written")
+        die(f"{what}; lower --lr (it was {lr:.4g} in epoch {epoch}) or check the data; {last}")
+
+    def _save_mid_epoch(self, epoch, lr, meter, model, opt):
+        """A checkpoint inside epoch `epoch`: the model, where the epoch's batches stand, the partial
+        statistics and the augmentation random state of every rank. Under torchrun the model is
+        made the same on every rank first, as at an epoch end (data parallel: BatchNorm statistics
+        averaged, the same average at the end of the epoch up to rounding; pipelined: each stage's
+        modules sent to the others)."""
+        self.pause_clock()
+        self.sync_model(model, opt)
+        if self.nonfinite(model).item():
+            self.die_nonfinite(epoch, lr, model)
+        aug = self.data.aug_gen.get_state() if self.data.aug_gen is not None else torch.zeros(0, dtype=torch.uint8)
+        partial = {"epoch": epoch, "batch": self.batch, "stats": self._gather(meter.state()), "aug": self._gather(aug),
+                   "replicas": self.replicas}
+        self._save(model, opt, epoch - 1, partial)
+        self.resume_clock()
+
+    def _gather(self, tensor):
+        """Every rank's copy of a small tensor, on the CPU."""
+        if self.world == 1:
+            return [tensor.cpu()]
+        tensor = tensor.to(self.device)
+        gathered = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(gathered, tensor)
+        return [t.cpu() for t in gathered]
+
+    def _save(self, model, opt, epoch, partial=None):
+        """Checkpoint after `epoch` whole epochs (and `partial`, a part of the next). It carries the
+        arguments, so that a resume checks them, and what was measured, so that summary.json keeps it."""
+        measured = {key: getattr(self, key) for key in
+                    ("act_mem_bytes", "peak_mem_bytes", "peak_reserved_bytes", "timed_images", "timed_s")}
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "steps": self.steps,
+                "best_test_acc": self.best_acc, "test_acc": self.acc, "args": dict(vars(self.args)),
+                "measured": measured, "partial": partial, "elapsed_s": self.elapsed_s()}
+        if self.main:
+            atomic_save(ckpt, self.ckpt_path)
+        self.saved = self._describe(epoch, partial)
 
     def average_gradients(self, params):
         """All-reduce every gradient (one flat buffer) after the local backwards: data parallelism
@@ -1019,20 +1357,21 @@ class Run:
 
     # -- end of epoch and end of run --------------------------------------------------------------
     def end_epoch(self, epoch, lr, train, test, model, opt):
-        """Log the epoch; checkpoint it unless --steps cut it short (a checkpoint is always a
-        whole number of epochs, so resuming continues exactly)."""
+        """Log the epoch; checkpoint it unless --steps cut it short (resuming then continues from
+        the last checkpoint, which ends a whole epoch or stands where --save-every wrote it)."""
         self.acc, self.best_acc = test["test_acc"], max(self.best_acc, test["test_acc"])
         line = {"epoch": epoch, "lr": lr, **train, **test, "best_test_acc": self.best_acc, "steps": self.steps,
                 "elapsed_s": round(self.elapsed_s(), 3)}
         if self.main:
             print(json.dumps(line), flush=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            if not self.interrupted:
-                ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "steps": self.steps, "best_test_acc": self.best_acc, "test_acc": self.acc,
-                        "elapsed_s": self.elapsed_s()}
-                atomic_save(ckpt, self.ckpt_path)
+            with writing(self.metrics_path):
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+        if not self.interrupted:
+            self._save(model, opt, epoch)
+            # a signal during evaluation: stop here, unless the run is complete anyway
+            if epoch < self.args.epochs and self._stop_requested(now=True):
+                self._exit_on_signal()
 
     def elapsed_s(self):
         """Wall time of the run so far, the segments before a resume included."""
@@ -1061,23 +1400,45 @@ class Run:
             atomic_write_text(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
             print(json.dumps({k: summary[k] for k in ("method", "k", "final_test_acc", "best_test_acc",
                                                       "act_mem_bytes", "peak_mem_bytes", "images_per_s")}))
+        self._restore_signals()
         if self.world > 1:
             dist.destroy_process_group()
         return summary
 
 
+def _hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def writing(path, tmp=None):
+    """A write that fails (full disk, read-only file system) stops the run with one line, and
+    removes its temporary file so that it does not keep the disk full."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "write failed"
+        die(f"cannot write {path} ({reason}); free disk space or choose a writable --out")
+
+
 def atomic_write_text(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 
 def atomic_save(obj, path):
     """Write to a temporary file and rename: a crash never leaves a half-written checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1098,9 +1459,10 @@ def train_epoch(run, args, data, model, opt, epoch, step):
         group["lr"] = lr
     model.train()
     meter = ModuleMeter(run.k, run.device)
+    position = run.begin_epoch(epoch, meter)  # where a mid-epoch checkpoint stopped, if it did
     run.resume_clock()
     run.interrupted = False
-    for x, y in data.train_batches(epoch, args.batch_size, args.seed, run.data_rank, run.replicas):
+    for x, y in data.train_batches(epoch, args.batch_size, args.seed, run.data_rank, run.replicas, **position):
         if run.done():
             run.interrupted = True
             break
@@ -1113,12 +1475,13 @@ def train_epoch(run, args, data, model, opt, epoch, step):
         opt.step()
         run.after_step(len(y))
         meter.add(run.stage_modules, losses, logits, y)
+        run.between_steps(epoch, lr, meter, model, opt)
     run.pause_clock()
     run.sync_model(model, opt)
     train = meter.result(run)
-    if train["train_loss"] is not None and not math.isfinite(train["train_loss"]):
-        die(f"the training loss became {train['train_loss']} in epoch {epoch}; lower --lr (it was {lr:.4g}) "
-            f"or check the data. The last good checkpoint is {run.ckpt_path}")
+    loss = train["train_loss"]
+    if (loss is not None and not math.isfinite(loss)) or run.all_sum(run.nonfinite(model)).item():
+        run.die_nonfinite(epoch, lr, model, None if loss is None or math.isfinite(loss) else loss)
     return lr, train
 
 

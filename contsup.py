@@ -265,6 +265,7 @@ def loss_weights(args, k):
         split = " with --split balanced" if args.split == "balanced" else ""
         common.die(f"--reconstruct has no official loss weights for {args.arch} on {args.dataset} at --k {k}"
                    f"{split}; pass --lambdas IXX_1 IXY_1 IXX_2 IXY_2 (e.g. --lambdas 5 1 0 0)")
+    args.lambdas = list(scale)  # the values used, for args.json and --resume
     ixx1, ixy1, ixx2, ixy2 = scale
     ratios = [i / (k - 2) if k > 2 else 0.0 for i in range(k - 1)]
     return [(ixx1 * (1 - r) + ixx2 * r, ixy1 * (1 - r) + ixy2 * r) for r in ratios]
@@ -285,6 +286,7 @@ def build_aux(args, net, modules, data):
         common.die(f"unknown --loss {loss!r}: choose contrast or ce")
     if args.lambdas is not None and not args.reconstruct:
         common.die("--lambdas weights the decoder term; add --reconstruct or drop --lambdas")
+    args.loss = loss  # the value used, for args.json and --resume
     shapes = common.layer_shapes(net, data.image_size)
     split_shapes = [shapes[m[-1]] for m in modules[:-1]]  # (C, S, S) of each module's output but the last
     weights = loss_weights(args, k) if args.reconstruct and k > 1 else [None] * (k - 1)

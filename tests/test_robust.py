@@ -1,0 +1,362 @@
+"""Long runs: no folder locked by a failed start, validated arguments, one-line errors for damaged
+or unwritable files, no non-finite checkpoint, SIGTERM / --save-every checkpoints that resume
+exactly, measurements kept across resume, start and progress lines."""
+import errno
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT, build_method, checkpoint_state, read_json, read_jsonl, run_script
+from test_common import write_cifar
+
+# 64 images in batches of 32: 2 steps per epoch.
+TINY = ["--dataset", "synthetic", "--arch", "resnet32", "--subset", "64", "--batch-size", "32", "--device", "cpu"]
+# The run that interrupted and resumed runs must reproduce bit for bit: 4 steps per epoch, 2 epochs.
+EXACT = ["--dataset", "synthetic", "--arch", "resnet32", "--subset", "128", "--batch-size", "32", "--device", "cpu",
+         "--k", "2", "--epochs", "2"]
+# A dgl run with 3 steps per epoch (the third is the first one timed, after 2 warm-up steps).
+AFTER_EPOCH_1 = ["--k", "2", "--epochs", "2", "--subset", "96"]
+
+
+def tiny(name, out, *args):
+    return run_script(name, out, *TINY, *args, quick=False)
+
+
+def one_line_error(excinfo, *needles):
+    message = str(excinfo.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for needle in needles:
+        assert str(needle) in message, message
+    return message
+
+
+def same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def one_thread():
+    """Results depend on the thread count: the in-process runs here use 1 thread, as the subprocesses do."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_script("dgl", out, *EXACT, quick=False)
+    torch.set_num_threads(n)
+    return out
+
+
+@pytest.fixture(scope="module")
+def after_epoch_1(tmp_path_factory):
+    """A dgl run of 2 epochs of 3 steps stopped by --steps after epoch 1 (its checkpoint); its
+    third step is the first one timed for images_per_s (after 2 warm-up steps)."""
+    out = tmp_path_factory.mktemp("epoch1") / "run"
+    tiny("dgl", out, *AFTER_EPOCH_1, "--steps", "3")
+    return out
+
+
+def copy_run(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+# ---- 1. a run that fails before its first checkpoint leaves its folder free ----------------------
+
+def test_failed_starts_do_not_lock_the_folder(tmp_path, monkeypatch):
+    import torchvision
+    data, out = tmp_path / "data", tmp_path / "run"
+    cifar = ["--dataset", "cifar10", "--data-dir", data, "--subset", "64", "--batch-size", "32", "--device", "cpu",
+             "--epochs", "1"]
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit, match="is not in"):  # no data yet
+        run_script("dgl", out, *cifar, "--k", "2", quick=False)
+    write_cifar(data, 13, 10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                "labels")
+    with pytest.raises(SystemExit, match="--k 17 is not valid"):  # the data is there, the argument is wrong
+        run_script("dgl", out, *cifar, "--k", "17", quick=False)
+    summary = run_script("dgl", out, *cifar, "--k", "2", quick=False)  # the fixed command runs
+    assert summary["steps"] == 2 and read_json(out / "args.json")["k"] == 2
+    assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_args_json_holds_the_values_used_and_resume_compares_them(tmp_path):
+    out = tmp_path / "run"
+    tiny("auglocal", out, "--k", "4", "--epochs", "1")
+    saved = read_json(out / "args.json")
+    assert (saved["aux_depth"], saved["pyramid_coeff"], saved["device"]) == (2, 0.5, "cpu")
+    tiny("auglocal", out, "--k", "4", "--epochs", "1", "--aux-depth", "2", "--resume")  # the default, explicit
+    with pytest.raises(SystemExit) as e:
+        tiny("auglocal", out, "--k", "4", "--epochs", "1", "--aux-depth", "1", "--resume")
+    one_line_error(e, "has --aux-depth 2, not 1")
+    infopro_args = build_method("infopro", *TINY, "--k", "2", "--out", tmp_path / "i")[0]
+    contsup_args = build_method("contsup", *TINY, "--k", "2", "--out", tmp_path / "c")[0]
+    assert infopro_args.loss == contsup_args.loss == "contrast" and len(infopro_args.lambdas) == 4  # the defaults
+
+
+# ---- 2. arguments -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "0"], "--batch-size must be at least 2"),
+    (["--batch-size", "1"], "--batch-size must be at least 2 (BatchNorm"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-0.1"], "--lr must be a positive number"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--weight-decay", "-1"], "--weight-decay must be at least 0"),
+    (["--save-every", "-1"], "--save-every must be at least 0"),
+])
+def test_bad_numbers_are_refused(args, needle):
+    with pytest.raises(SystemExit) as e:
+        common.parse_args([*TINY, *args], "", "dgl", 16, 160)
+    one_line_error(e, needle)
+
+
+def test_a_subset_without_a_full_step_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_script("dgl", tmp_path / "run", *TINY, "--subset", "1", quick=False)
+    one_line_error(e, "--batch-size 32 leaves no training step on 1 training images", "--subset")
+
+
+def test_bad_input_exits_1_with_one_line(tmp_path):
+    cmd = [sys.executable, "dgl.py", *TINY, "--lr", "-0.1", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: --lr must be a positive number, got -0.1"]
+
+
+# ---- 3. damaged and unwritable files ---------------------------------------------------------------
+
+def test_truncated_checkpoint(after_epoch_1, tmp_path):
+    out = copy_run(after_epoch_1, tmp_path)
+    path = out / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    one_line_error(e, f"cannot read {path}", "delete it")
+
+
+def test_another_runs_checkpoint(after_epoch_1, tmp_path):
+    out = copy_run(after_epoch_1, tmp_path)
+    tiny("bp", tmp_path / "bp", "--epochs", "2", "--steps", "2")
+    shutil.copy(tmp_path / "bp" / "checkpoint.pt", out / "checkpoint.pt")
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    one_line_error(e, "is a bp.py run, not dgl.py")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    del ckpt["args"]  # as written before checkpoints named their run: args.json says dgl, the weights are bp's
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    one_line_error(e, "does not fit this model")
+
+
+def test_half_written_metrics_line_and_temporary_files_are_dropped(after_epoch_1, tmp_path):
+    out = copy_run(after_epoch_1, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "lr": 0.0, "train_lo')  # killed while appending
+    (out / "checkpoint.pt.tmp12345").write_bytes(b"\0" * 1000)  # killed while saving
+    summary = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1, 2] and summary["steps"] == 6
+    assert not glob.glob(str(out / "*.tmp*"))
+
+
+def test_out_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", tmp_path / "file")
+    one_line_error(e, f"--out {tmp_path / 'file'} is a file")
+
+
+def test_read_only_out(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", tmp_path / "run")
+    one_line_error(e, f"cannot write {tmp_path / 'run'} (Read-only file system)", "--out")
+
+
+def test_full_disk_while_saving(tmp_path, monkeypatch):
+    out, save = tmp_path / "run", torch.save
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # torch's words
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        tiny("bp", out, "--epochs", "1")
+    one_line_error(e, f"cannot write {out / 'checkpoint.pt'}", "free disk space")
+    assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl"]  # no temporary file keeps the disk full
+    monkeypatch.setattr(torch, "save", save)
+    assert tiny("bp", out, "--epochs", "1")["steps"] == 2  # and nothing blocks the next run
+
+
+def test_truncated_cifar_batch(tmp_path):
+    write_cifar(tmp_path, 4, 10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                "labels")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(SystemExit) as e:
+        common.read_raw_dataset("cifar10", str(tmp_path))
+    one_line_error(e, f"{path} is damaged")
+
+
+def test_garbage_stl10_file(tmp_path):
+    os.makedirs(tmp_path / "stl10_binary")
+    for split in ("train", "test"):
+        (tmp_path / "stl10_binary" / f"{split}_X.bin").write_bytes(np.random.default_rng(0).bytes(1000))
+        (tmp_path / "stl10_binary" / f"{split}_y.bin").write_bytes(b"\1")
+    with pytest.raises(SystemExit) as e:
+        common.read_raw_dataset("stl10", str(tmp_path))
+    one_line_error(e, f"{tmp_path / 'stl10_binary' / 'train_X.bin'} is damaged")
+
+
+def image_folder(root, classes):
+    """ImageFolder splits `train` and `val` with a class folder per {name: number of JPEGs}."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for name, n in classes.items():
+            os.makedirs(root / split / name)
+            for i in range(n):
+                Image.fromarray(np.full((40, 40, 3), 50 * i, dtype=np.uint8)).save(root / split / name / f"{i}.JPEG")
+
+
+def imagenet(root, *extra):
+    args = ["--dataset", "imagenet", "--data-dir", str(root), "--arch", "resnet18", "--image-size", "32",
+            "--batch-size", "4", "--device", "cpu", "--out", str(root / "out"), *extra]
+    return common.parse_args(args, "", "dgl", 16, 160)
+
+
+def test_imagenet_class_folder_without_images(tmp_path):
+    image_folder(tmp_path, {"n01": 2, "n02": 0})
+    with pytest.raises(SystemExit) as e:
+        common.load_data(imagenet(tmp_path), torch.device("cpu"))
+    one_line_error(e, tmp_path / "train", "n02", "remove the empty class folders")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_jpeg_stops_with_its_path(tmp_path, workers):
+    image_folder(tmp_path, {"n01": 3, "n02": 3})
+    bad = tmp_path / "train" / "n02" / "1.JPEG"
+    bad.write_bytes(b"not a jpeg at all")
+    data = common.load_data(imagenet(tmp_path, "--workers", workers), torch.device("cpu"))
+    with pytest.raises(SystemExit) as e:
+        list(data.train_batches(1, 4, seed=0))
+    one_line_error(e, f"cannot read the image {bad}", "replace or delete the file")
+
+
+# ---- 4. a non-finite model is never checkpointed ---------------------------------------------------
+
+def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:  # the loss stays finite for an epoch while BatchNorm statistics overflow
+        tiny("dgl", out, "--k", "4", "--epochs", "3", "--lr", "1e4", "--warmup-epochs", "0")
+    message = one_line_error(e, "; lower --lr (it was ")
+    epoch = int(message.split(" in epoch ")[1].split()[0].rstrip(";"))
+    args = common.parse_args([*TINY, "--epochs", "3", "--lr", "1e4", "--warmup-epochs", "0"], "", "dgl", 16, 160)
+    assert f"it was {common.lr_at(epoch, args):.4g} in epoch {epoch})" in message  # the lr of the bad epoch
+    if os.path.exists(out / "checkpoint.pt"):
+        assert f"last good checkpoint is {out / 'checkpoint.pt'} (epoch {epoch - 1})" in message
+        for key, t in checkpoint_state(out).items():
+            assert not t.is_floating_point() or torch.isfinite(t).all(), key
+
+
+# ---- 5. SIGTERM / Ctrl-C and --save-every ----------------------------------------------------------
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(straight, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "dgl.py", *EXACT, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(out / "checkpoint.pt") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)  # epoch 2 is under way (4 steps)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "stopped by SIGTERM" in stderr and "--resume" in stderr.splitlines()[-1]
+    partial = torch.load(out / "checkpoint.pt", weights_only=False)["partial"]
+    assert partial["epoch"] == 2 and 1 <= partial["batch"] <= 4  # a checkpoint inside epoch 2
+    assert not glob.glob(str(out / "*.tmp*"))
+    proc = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    same_state(checkpoint_state(straight), checkpoint_state(out))
+    assert read_jsonl(straight / "metrics.jsonl") == read_jsonl(out / "metrics.jsonl")  # train loss too
+
+
+def test_save_every_resumes_exactly(straight, tmp_path, one_thread, capsys):
+    out = tmp_path / "run"
+    run_script("dgl", out, *EXACT, "--save-every", "5", "--steps", "7", "--quiet", quick=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["partial"]["batch"] == 1  # step 5: epoch 2, batch 1
+    run_script("dgl", out, *EXACT, "--resume", "--quiet", quick=False)  # steps 6-8
+    same_state(checkpoint_state(straight), checkpoint_state(out))
+    assert read_jsonl(straight / "metrics.jsonl") == read_jsonl(out / "metrics.jsonl")
+    for line in capsys.readouterr().out.splitlines():  # --quiet: JSON lines only
+        json.loads(line)
+
+
+def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
+    import dgl
+    step, calls = dgl.train_step, []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+    monkeypatch.setattr(dgl, "train_step", interrupted_step)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", tmp_path / "run", "--k", "2", "--subset", "128", "--epochs", "1")
+    assert e.value.code == 128 + signal.SIGINT and len(calls) == 3
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["steps"] == 3 and ckpt["partial"]["batch"] == 3
+    assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
+
+
+# ---- 6. what was measured survives a resume ------------------------------------------------------
+
+def test_resume_keeps_the_measurements(after_epoch_1, tmp_path):
+    out = copy_run(after_epoch_1, tmp_path)
+    resumed = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    assert resumed["act_mem_bytes"] > 0 and resumed["images_per_s"] > 0
+    again = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")  # a finished run: nothing to train
+    keys = ("act_mem_bytes", "images_per_s", "steps")
+    assert {k: again[k] for k in keys} == {k: resumed[k] for k in keys}
+
+
+# ---- 8. start and progress lines -------------------------------------------------------------------
+
+def test_start_and_progress_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "PROGRESS_STEPS", 1)
+    out = tmp_path / "run"
+    tiny("bp", out, "--epochs", "2")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"bp: synthetic (64 training images, 2 steps per epoch), resnet32 in K=1 modules, 466,906 "
+                        f"parameters, epochs 1-2 on 1 x cpu, output in {out}")
+    progress = [l for l in lines if l.startswith("epoch ")]
+    assert [l.split(" train_loss")[0] for l in progress] == [f"epoch {(s + 1) // 2}/2 step {s}/4" for s in (1, 2, 3, 4)]
+    assert all(" images/s elapsed " in l and " eta " in l for l in progress)
