@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def die(message):
@@ -629,6 +630,8 @@ class Run:
         self.interrupted = False  # --steps stopped an epoch before its end
         self.act_meter = None
         self.act_mem_bytes = None
+        self._flops = None  # the FlopCounterMode of the first training step while it runs
+        self.train_flops_per_image = self.inference_flops_per_image = None
         self.process_steps, self.timed_images, self.timed_s, self._t0 = 0, 0, 0.0, None
         self.peak_mem_bytes = self.peak_reserved_bytes = None
         self.mem_base = 0
@@ -686,8 +689,25 @@ class Run:
 
     # -- per step (no host syncs here, except once at the end of the warm-up) ----------------------
     def activation_hooks(self):
-        """Count the bytes saved for backward during the first step of this process only."""
-        return self.act_meter.hooks() if self.process_steps == 0 else contextlib.nullcontext()
+        """Count the bytes saved for backward and the FLOPs (forward and every backward) of the
+        first step of this process only: neither slows a timed step (timing starts later)."""
+        if self.process_steps != 0:
+            return contextlib.nullcontext()
+        self._flops = FlopCounterMode(display=False)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.act_meter.hooks())
+        stack.enter_context(self._flops)
+        return stack
+
+    @contextlib.contextmanager
+    def inference_flops(self, images):
+        """Count the FLOPs of the first inference forward of this process (one evaluation batch)."""
+        if self.inference_flops_per_image is not None:
+            yield
+            return
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.inference_flops_per_image = counter.get_total_flops() / images
 
     def before_step(self):
         if self.process_steps == WARMUP_STEPS:
@@ -699,6 +719,8 @@ class Run:
     def after_step(self, batch):
         if self.process_steps == 0:
             self.act_mem_bytes = self.act_meter.peak  # per process, like CUDA memory
+            self.train_flops_per_image = self._flops.get_total_flops() / batch
+            self._flops = None
         self.process_steps += 1
         self.steps += 1
         if self._t0 is not None:
@@ -787,6 +809,8 @@ class Run:
             "best_test_acc": self.best_acc, "final_test_acc": self.acc,
             "peak_mem_bytes": self.peak_mem_bytes, "peak_reserved_bytes": self.peak_reserved_bytes,
             "act_mem_bytes": self.act_mem_bytes,
+            "train_flops_per_image": self.train_flops_per_image,
+            "inference_flops_per_image": self.inference_flops_per_image,
             "images_per_s": self.timed_images / self.timed_s if self.timed_s > 0 else None,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__,
@@ -864,7 +888,7 @@ def evaluate(run, args, data, model, predict):
     model.eval()
     counts = torch.zeros(3, device=run.device)  # top-1 right, top-5 right, seen
     for x, y in data.test_batches(args.batch_size, run.rank, run.world):
-        with autocast(args, run.device):
+        with autocast(args, run.device), run.inference_flops(len(y)):
             logits = predict(x)
         top5 = (logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]).any(1)
         counts += torch.stack([(logits.argmax(1) == y).sum().float(), top5.sum().float(),
