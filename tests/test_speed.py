@@ -77,6 +77,7 @@ def test_benchmark_table_on_cpu(tmp_path):
     assert rows[1]["memory"] < 0.6 * rows[0]["memory"]
     text = (tmp_path / "table.md").read_text()
     assert "| dgl | - | resnet32 | 4 | cifar10 | 16 | fp32 |" in text and "activation MiB (CPU)" in text
+    assert rows[1]["flops"] < rows[2]["flops"] and "| compute / bp |" in text  # 1c2f heads cost more than mlp-sr
     assert "| contsup | --context=R1 --loss=ce | resnet32 | 4 |" in text
     assert rows[2]["memory"] != rows[3]["memory"]  # the options reached the script (R1 keeps more)
 
