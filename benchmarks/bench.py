@@ -20,6 +20,10 @@ commas, e.g. infopro:resnet110:2:cifar10:1024:--split=balanced. A bp.py case is 
 (arch, dataset, batch) that lacks one. Measurement: common.Run (peak after 2 warm-up steps, evaluation excluded).
 """
 import argparse
+import contextlib
+import gc
+import importlib
+import io
 import json
 import os
 import shlex
@@ -28,6 +32,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run_in_process imports the method scripts
 METHODS = ("bp", "dgl", "infopro", "auglocal", "contsup", "mlaan")
 LOCAL = METHODS[1:]
 PRESETS = {  # the README's GPU table (issue: speed and memory side by side)
@@ -61,22 +66,47 @@ def with_bp_baselines(cases):
     return extra + cases
 
 
-def run_case(case, steps, device, extra, workdir):
-    out = tempfile.mkdtemp(prefix="{method}-{arch}-k{k}-{dataset}-b{batch}-".format(**case), dir=workdir)
-    cmd = [sys.executable, os.path.join(ROOT, f"{case['method']}.py"), "--dataset", case["dataset"], "--fake-data",
-           "--arch", case["arch"], "--k", str(case["k"]), "--batch-size", str(case["batch"]),
-           "--steps", str(steps), "--out", out, *case["options"], *shlex.split(extra)]
-    if device:
-        cmd += ["--device", device]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {**case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+def script_args(case, steps, device, extra, out):
+    """The command-line arguments of a case's script."""
+    argv = ["--dataset", case["dataset"], "--fake-data", "--arch", case["arch"], "--k", str(case["k"]),
+            "--batch-size", str(case["batch"]), "--steps", str(steps), "--out", out, *case["options"],
+            *shlex.split(extra)]
+    return argv + (["--device", device] if device else [])
+
+
+def row(case, summary):
     memory = summary["peak_mem_bytes"] if summary["peak_mem_bytes"] is not None else summary["act_mem_bytes"]
     return {**case, "memory": memory, "cuda": summary["peak_mem_bytes"] is not None,
             "images_per_s": summary["images_per_s"], "flops": summary["train_flops_per_image"],
             "device": summary["device"], "torch": summary["torch"]}
+
+
+def run_case(case, steps, device, extra, workdir):
+    """One case in its own process (nothing left over from other cases in the CUDA allocator)."""
+    out = tempfile.mkdtemp(prefix="{method}-{arch}-k{k}-{dataset}-b{batch}-".format(**case), dir=workdir)
+    cmd = [sys.executable, os.path.join(ROOT, f"{case['method']}.py"), *script_args(case, steps, device, extra, out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {**case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    with open(os.path.join(out, "summary.json")) as f:
+        return row(case, json.load(f))
+
+
+def run_in_process(case, steps, device, extra):
+    """One case in this process: no interpreter, import and CUDA start-up per case (the GPU kit and
+    the CPU figures run many short cases). Freed memory goes back to the CUDA allocator first."""
+    import torch
+    script = importlib.import_module(case["method"])
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            summary = script.main(script_args(case, steps, device, extra, os.path.join(out, "run")))
+        except (SystemExit, RuntimeError) as e:  # a refused option, CUDA out of memory: report, go on
+            return {**case, "error": str(e).splitlines()[0]}
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return row(case, summary)
 
 
 def table(rows, extra, peak_tflops=None):
