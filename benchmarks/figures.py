@@ -7,7 +7,7 @@ every backward, aux nets and context encoders included) come from its summary.js
 markdown table of ratios to bp.py (figures.md) and a PNG figure (figures.png), plus the InfoPro*
 Table 3 rows beside the paper's ratios.
 
-    python benchmarks/figures.py                      # about 10 minutes on 2 CPU cores
+    python benchmarks/figures.py                      # 10-30 minutes on 2 CPU cores (shared: 30)
     python benchmarks/figures.py --out /tmp/fig --archs resnet32 --ks 2 4 --methods bp dgl   # a subset
 
 Batches are small (ResNet-32: 8, ResNet-110: 4 CIFAR-sized or 2 STL-10-sized images), to keep the
@@ -24,8 +24,8 @@ from bench import METHODS, ROOT, run_in_process  # noqa: E402
 
 # (title, arch, dataset shape, batch, the K of the x axis)
 SETTINGS = [("ResNet-32, CIFAR (32 px)", "resnet32", "cifar10", 8, (2, 4, 8, 16)),
-            ("ResNet-110, CIFAR (32 px)", "resnet110", "cifar10", 4, (2, 4, 16, 55)),
-            ("ResNet-110, STL-10 (96 px)", "resnet110", "stl10", 2, (2, 4, 16, 55))]
+            ("ResNet-110, CIFAR (32 px)", "resnet110", "cifar10", 4, (2, 16, 55)),
+            ("ResNet-110, STL-10 (96 px)", "resnet110", "stl10", 2, (2, 16))]
 # InfoPro Table 3 (ResNet-110, CIFAR-10, batch 1024, GPU memory in GB): E2E and InfoPro* K=2, 3, 4.
 PAPER_E2E_GB, PAPER_INFOPRO_STAR_GB = 9.40, {2: 5.38, 3: 4.22, 4: 3.52}
 
