@@ -1,6 +1,6 @@
 """The one-shot GPU kit: every CUDA table the README needs, in one command, on one H100/H200.
 
-    python benchmarks/gpu.py --out benchmarks/gpu          # on the GPU: about 6 minutes, at most 8
+    python benchmarks/gpu.py --out benchmarks/gpu          # on the GPU: about 4.5 minutes, at most 8
     python benchmarks/gpu.py --dry-run --out /tmp/gpu-dry   # the same cases on the CPU, 1 step, batch 2-4
 
 Tables (markdown, in OUT/gpu.md, ready for the README's Speed section), each with peak CUDA memory,
@@ -21,7 +21,7 @@ Sizing (no GPU was lent to time it): 52 cases (4 + 24 + 24, bp.py baselines incl
 costs set-up (data, model, cuDNN autotuning in the warm-up, the FLOP-counted first step, one
 evaluation batch; about 3 s assumed) plus 8 steps. From the exact FLOP counts (the largest case,
 MLAAN ResNet-110 K=55, 9.5 GFLOP per image, 9.8 TFLOP per step) at 3% of peak (what small-channel
-CIFAR ResNets reach; at least 0.3 s per step for launch-bound K=55) that is about 5.5 minutes; the
+CIFAR ResNets reach; at least 0.3 s per step for launch-bound K=55) that is about 4.5 minutes; the
 dry run prints this estimate for the cases it runs. The kit starts no case after --budget-s
 (default 450 s), so it ends within 8 minutes, and lists any case it skipped.
 """
