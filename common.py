@@ -977,6 +977,8 @@ class Run:
         self.interrupted = False  # --steps stopped an epoch before its end
         self.act_meter = None
         self.act_mem_bytes = None
+        self._flops = None  # the FlopCounterMode of the first training step while it runs
+        self.train_flops_per_image = self.inference_flops_per_image = None
         self.process_steps, self.timed_images, self.timed_s, self._t0 = 0, 0, 0.0, None
         self.peak_mem_bytes = self.peak_reserved_bytes = None
         self.mem_base = 0
@@ -1124,8 +1126,25 @@ class Run:
 
     # -- per step (no host syncs here, except once at the end of the warm-up) ----------------------
     def activation_hooks(self):
-        """Count the bytes saved for backward during the first step of this process only."""
-        return self.act_meter.hooks() if self.process_steps == 0 else contextlib.nullcontext()
+        """Count the bytes saved for backward and the FLOPs (forward and every backward) of the
+        first step of this process only: neither slows a timed step (timing starts later)."""
+        if self.process_steps != 0:
+            return contextlib.nullcontext()
+        self._flops = FlopCounterMode(display=False)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.act_meter.hooks())
+        stack.enter_context(self._flops)
+        return stack
+
+    @contextlib.contextmanager
+    def inference_flops(self, images):
+        """Count the FLOPs of the first inference forward of this process (one evaluation batch)."""
+        if self.inference_flops_per_image is not None:
+            yield
+            return
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.inference_flops_per_image = counter.get_total_flops() / images
 
     def before_step(self):
         if self.process_steps == WARMUP_STEPS:
@@ -1137,6 +1156,8 @@ class Run:
     def after_step(self, batch):
         if self.process_steps == 0:
             self.act_mem_bytes = self.act_meter.peak  # per process, like CUDA memory
+            self.train_flops_per_image = self._flops.get_total_flops() / batch
+            self._flops = None
         self.process_steps += 1
         self.steps += 1
         if self._t0 is not None:
@@ -1285,7 +1306,8 @@ class Run:
         """Checkpoint after `epoch` whole epochs (and `partial`, a part of the next). It carries the
         arguments, so that a resume checks them, and what was measured, so that summary.json keeps it."""
         measured = {key: getattr(self, key) for key in
-                    ("act_mem_bytes", "peak_mem_bytes", "peak_reserved_bytes", "timed_images", "timed_s")}
+                    ("act_mem_bytes", "peak_mem_bytes", "peak_reserved_bytes", "timed_images", "timed_s",
+                     "train_flops_per_image", "inference_flops_per_image")}
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "steps": self.steps,
                 "best_test_acc": self.best_acc, "test_acc": self.acc, "args": dict(vars(self.args)),
                 "measured": measured, "partial": partial, "elapsed_s": self.elapsed_s()}
@@ -1388,12 +1410,16 @@ class Run:
             "best_test_acc": self.best_acc, "final_test_acc": self.acc,
             "peak_mem_bytes": self.peak_mem_bytes, "peak_reserved_bytes": self.peak_reserved_bytes,
             "act_mem_bytes": self.act_mem_bytes,
+            "train_flops_per_image": self.train_flops_per_image,
+            "inference_flops_per_image": self.inference_flops_per_image,
             "images_per_s": self.timed_images / self.timed_s if self.timed_s > 0 else None,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "elapsed_s": round(self.elapsed_s(), 3),
         }
         if self.pipeline is not None:
             summary["stages"] = self.pipeline.report(self.act_mem_bytes)
+            flops = torch.tensor([self.train_flops_per_image or 0.0], dtype=torch.float64, device=self.device)
+            summary["train_flops_per_image"] = self.all_sum(flops).item()  # each stage counted its own modules
         if self.world > 1:
             summary["rank_max_abs_diff"] = self.rank_divergence(model)
         if self.main:
@@ -1494,7 +1520,7 @@ def evaluate(run, args, data, model, predict):
     counts = torch.zeros(3, device=run.device)  # top-1 right, top-5 right, seen
     module_right, classifies = torch.zeros(run.k, device=run.device), [False] * run.k
     for x, y in data.test_batches(args.batch_size, run.rank, run.world):
-        with autocast(args, run.device):
+        with autocast(args, run.device), run.inference_flops(len(y)):
             logits = predict(x)
             if args.module_acc:
                 _, _, scores = run_modules(run.step, range(run.k - 1), x, x, y, backward=False)

@@ -3,7 +3,8 @@
 Each case runs one script for a fixed number of optimizer steps on random data of the real
 dataset's shape (`--fake-data`), then one table is written: peak CUDA memory (or, on CPU, the
 activation memory held for backward), memory relative to bp.py, images/s and time per batch
-relative to bp.py, for the same arch, dataset shape, batch and precision.
+relative to bp.py, training FLOPs per image (forward and every backward, counted exactly) and
+compute relative to bp.py, for the same arch, dataset shape, batch and precision.
 
     python benchmarks/bench.py --preset gpu --out benchmarks/results.md        # the README table
     python benchmarks/bench.py --cases bp:resnet32:1:cifar10:64 dgl:resnet32:4:cifar10:64 \
@@ -19,6 +20,10 @@ commas, e.g. infopro:resnet110:2:cifar10:1024:--split=balanced. A bp.py case is 
 (arch, dataset, batch) that lacks one. Measurement: common.Run (peak after 2 warm-up steps, evaluation excluded).
 """
 import argparse
+import contextlib
+import gc
+import importlib
+import io
 import json
 import os
 import shlex
@@ -27,6 +32,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run_in_process imports the method scripts
 METHODS = ("bp", "dgl", "infopro", "auglocal", "contsup", "mlaan")
 LOCAL = METHODS[1:]
 PRESETS = {  # the README's GPU table (issue: speed and memory side by side)
@@ -60,40 +66,75 @@ def with_bp_baselines(cases):
     return extra + cases
 
 
+def script_args(case, steps, device, extra, out):
+    """The command-line arguments of a case's script."""
+    argv = ["--dataset", case["dataset"], "--fake-data", "--arch", case["arch"], "--k", str(case["k"]),
+            "--batch-size", str(case["batch"]), "--steps", str(steps), "--out", out, *case["options"],
+            *shlex.split(extra)]
+    return argv + (["--device", device] if device else [])
+
+
+def row(case, summary):
+    memory = summary["peak_mem_bytes"] if summary["peak_mem_bytes"] is not None else summary["act_mem_bytes"]
+    return {**case, "memory": memory, "cuda": summary["peak_mem_bytes"] is not None,
+            "images_per_s": summary["images_per_s"], "flops": summary["train_flops_per_image"],
+            "device": summary["device"], "torch": summary["torch"]}
+
+
 def run_case(case, steps, device, extra, workdir):
+    """One case in its own process (nothing left over from other cases in the CUDA allocator)."""
     out = tempfile.mkdtemp(prefix="{method}-{arch}-k{k}-{dataset}-b{batch}-".format(**case), dir=workdir)
-    cmd = [sys.executable, os.path.join(ROOT, f"{case['method']}.py"), "--dataset", case["dataset"], "--fake-data",
-           "--arch", case["arch"], "--k", str(case["k"]), "--batch-size", str(case["batch"]),
-           "--steps", str(steps), "--out", out, *case["options"], *shlex.split(extra)]
-    if device:
-        cmd += ["--device", device]
+    cmd = [sys.executable, os.path.join(ROOT, f"{case['method']}.py"), *script_args(case, steps, device, extra, out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         return {**case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
-    memory = summary["peak_mem_bytes"] if summary["peak_mem_bytes"] is not None else summary["act_mem_bytes"]
-    return {**case, "memory": memory, "cuda": summary["peak_mem_bytes"] is not None,
-            "images_per_s": summary["images_per_s"], "device": summary["device"], "torch": summary["torch"]}
+        return row(case, json.load(f))
 
 
-def table(rows, extra):
+def run_in_process(case, steps, device, extra):
+    """One case in this process: no interpreter, import and CUDA start-up per case (the GPU kit and
+    the CPU figures run many short cases). Freed memory goes back to the CUDA allocator first."""
+    import torch
+    script = importlib.import_module(case["method"])
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            summary = script.main(script_args(case, steps, device, extra, os.path.join(out, "run")))
+        except (SystemExit, RuntimeError) as e:  # a refused option, CUDA out of memory: report, go on
+            return {**case, "error": str(e).splitlines()[0]}
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return row(case, summary)
+
+
+def table(rows, extra, peak_tflops=None):
+    """The markdown table; with `peak_tflops` (the device's peak TFLOP/s at this precision) also the
+    fraction of it that each case reaches: training FLOPs per image x images/s / peak."""
     base = {(r["arch"], r["dataset"], r["batch"]): r for r in rows if r["method"] == "bp" and "error" not in r}
     kind = "peak CUDA MiB" if any(r.get("cuda") for r in rows) else "activation MiB (CPU)"
     precision = extra or "fp32"
-    lines = [f"| method | options | arch | K | data | batch | precision | {kind} | memory / bp | images/s | time / bp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    peak = f" % of {peak_tflops:g} TFLOP/s |" if peak_tflops else ""
+    lines = [f"| method | options | arch | K | data | batch | precision | {kind} | memory / bp | GFLOP/image "
+             f"| compute / bp | images/s | time / bp |{peak}", "|---" * (13 + bool(peak)) + "|"]
     for r in rows:
         options = " ".join(r["options"]) or "-"
         head = f"| {r['method']} | {options} | {r['arch']} | {r['k']} | {r['dataset']} | {r['batch']} | {precision} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | |")
+            lines.append(f"{head} failed: {r['error']} |" + " |" * (5 + bool(peak)))
             continue
         bp = base.get((r["arch"], r["dataset"], r["batch"]))
         mem_ratio = f"{r['memory'] / bp['memory']:.2f}" if bp else "-"
+        flop_ratio = f"{r['flops'] / bp['flops']:.2f}" if bp else "-"
         time_ratio = f"{bp['images_per_s'] / r['images_per_s']:.2f}" if bp and r["images_per_s"] else "-"
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
-        lines.append(f"{head} {r['memory'] / 2**20:.0f} | {mem_ratio} | {ips} | {time_ratio} |")
+        line = (f"{head} {r['memory'] / 2**20:.0f} | {mem_ratio} | {r['flops'] / 1e9:.2f} | {flop_ratio} | {ips} "
+                f"| {time_ratio} |")
+        if peak:
+            reached = r["flops"] * r["images_per_s"] / (peak_tflops * 1e12) if r["images_per_s"] else None
+            line += f" {100 * reached:.1f} |" if reached else " - |"
+        lines.append(line)
     ok = [r for r in rows if "error" not in r]
     if ok:
         lines.append(f"\n{ok[0]['device']}, torch {ok[0]['torch']}")
@@ -107,6 +148,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per case (2 are warm-up)")
     p.add_argument("--device", default=None)
     p.add_argument("--extra", default="", help="flags passed to every script, e.g. '--bf16 --channels-last'")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s at this precision: adds the fraction of it each case reaches")
     p.add_argument("--out", default=None, help="write the table to this file too")
     args = p.parse_args(argv)
     cases = [parse_case(c) for c in (PRESETS[args.preset] if args.preset else []) + args.cases]
@@ -114,7 +157,7 @@ def main(argv=None):
         raise SystemExit("error: no cases: pass --preset or --cases")
     with tempfile.TemporaryDirectory() as workdir:
         rows = [run_case(c, args.steps, args.device, args.extra, workdir) for c in with_bp_baselines(cases)]
-    text = table(rows, args.extra)
+    text = table(rows, args.extra, args.peak_tflops)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -11,6 +11,7 @@ from conftest import QUICK, ROOT, run_script, train_step
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench  # noqa: E402
+import gpu  # noqa: E402
 
 
 def setup(*flags, k=4):
@@ -77,6 +78,7 @@ def test_benchmark_table_on_cpu(tmp_path):
     assert rows[1]["memory"] < 0.6 * rows[0]["memory"]
     text = (tmp_path / "table.md").read_text()
     assert "| dgl | - | resnet32 | 4 | cifar10 | 16 | fp32 |" in text and "activation MiB (CPU)" in text
+    assert rows[1]["flops"] < rows[2]["flops"] and "| compute / bp |" in text  # 1c2f heads cost more than mlp-sr
     assert "| contsup | --context=R1 --loss=ce | resnet32 | 4 |" in text
     assert rows[2]["memory"] != rows[3]["memory"]  # the options reached the script (R1 keeps more)
 
@@ -84,3 +86,16 @@ def test_benchmark_table_on_cpu(tmp_path):
 def test_benchmark_bad_case():
     with pytest.raises(SystemExit, match=r"write METHOD:ARCH:K:DATASET:BATCH\[:OPTIONS\]"):
         bench.main(["--cases", "dgl:resnet32"])
+
+
+def test_gpu_kit_dry_run(tmp_path):
+    """The GPU kit's cases on the CPU (one per table here: the full dry run takes minutes)."""
+    text = gpu.main(["--dry-run", "--only", "dgl:resnet32:16", "--out", str(tmp_path)])
+    assert (tmp_path / "gpu.md").read_text() == text and "not GPU figures" in text and ": 4 cases in" in text
+    assert "### fp32" in text and "### bf16, channels last" in text and "InfoPro*" not in text
+    assert "| dgl | - | resnet32 | 16 | cifar10 | 4 | fp32 | 1 | 0.14 | 0.36 | 0.87 | - | - | - |" in text
+    assert "| bp | - | resnet32 | 1 | cifar10 | 4 | --bf16 --channels-last |" in text
+    text = gpu.main(["--dry-run", "--only", "infopro:resnet110:3", "--budget-s", "0", "--out", str(tmp_path)])
+    assert ": 0 cases in" in text and "Not run (over --budget-s 0): bp:resnet110:1:cifar10:4 (InfoPro* Table 3 (fp32)); " in text
+    with pytest.raises(SystemExit, match="no CUDA device is visible"):
+        gpu.main(["--out", str(tmp_path)])
