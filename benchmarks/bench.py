@@ -14,6 +14,7 @@ compute relative to bp.py, for the same arch, dataset shape, batch and precision
     python benchmarks/bench.py --preset infopro-star   # InfoPro* Table 3 (ResNet-110, balanced K=2,3,4)
     python benchmarks/bench.py --preset contsup        # ContSup R0/E/R1/R1E, ResNet-32 K=8/16
     python benchmarks/bench.py --preset imagenet       # ResNet-101 K=2 InfoPro*, ResNet-34 AugLocal, 128/GPU
+    python benchmarks/bench.py --preset pipeline --pipeline 2 --steps 12 --device cpu  # module-parallel speed-up
 
 A case is METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], OPTIONS being the script's own flags joined by
 commas, e.g. infopro:resnet110:2:cifar10:1024:--split=balanced. A bp.py case is added for every
@@ -43,6 +44,9 @@ PRESETS = {  # the README's GPU table (issue: speed and memory side by side)
     "contsup": [f"contsup:resnet32:{k}:cifar10:1024:--context={c}" for k in (8, 16) for c in ("R0", "E", "R1", "R1E")],
     "imagenet": ["infopro:resnet101:2:imagenet:128:--split=balanced", "auglocal:resnet34:17:imagenet:128"],
     "ci": ["bp:resnet32:1:cifar10:32", "dgl:resnet32:4:cifar10:32"],
+    # Module-parallel training, with --pipeline P: one process against P pipelined stages, a thread each.
+    "pipeline": ["dgl:resnet32:2:cifar10:256", "dgl:resnet32:4:cifar10:256", "infopro:resnet32:4:cifar10:256",
+                 "auglocal:resnet32:4:cifar10:256"],
 }
 
 
@@ -90,6 +94,43 @@ def run_case(case, steps, device, extra, workdir):
         return {**case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     with open(os.path.join(out, "summary.json")) as f:
         return row(case, json.load(f))
+
+
+def run_pipeline_case(case, procs, steps, device, extra, workdir):
+    """Images/s of a case in one process and as `procs` pipelined stages under torchrun (--pipeline),
+    one thread per process, and each stage's share of the FLOPs and activation memory."""
+    result = {**case}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    for mode, launch, flags in (("sequential", [sys.executable], []), ("pipelined", torchrun, ["--pipeline"])):
+        out = tempfile.mkdtemp(prefix="{method}-k{k}-".format(**case) + mode, dir=workdir)
+        script = os.path.join(ROOT, f"{case['method']}.py")
+        cmd = [*launch, script, *script_args(case, steps, device, extra, out), *flags]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            return {**case, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        result.update({mode: summary["images_per_s"], "device": summary["device"], "torch": summary["torch"],
+                       "stages": summary.get("stages", result.get("stages"))})
+    return result
+
+
+def pipeline_table(rows, procs):
+    lines = [f"| method | arch | K | data | batch | images/s, 1 process | images/s, {procs} stages | speed-up | "
+             "stages: modules (share of FLOPs, activation MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['method']} | {r['arch']} | {r['k']} | {r['dataset']} | {r['batch']} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error']} | | | |")
+            continue
+        stages = "; ".join(f"{s['modules'][0]}-{s['modules'][-1]} ({s['flops_share']:.0%}, "
+                           f"{s['act_mem_bytes'] / 2**20:.0f})" for s in r["stages"])
+        lines.append(f"{head} {r['sequential']:.1f} | {r['pipelined']:.1f} | "
+                     f"{r['pipelined'] / r['sequential']:.2f}x | {stages} |")
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        lines.append(f"\n{ok[0]['device']}, torch {ok[0]['torch']}, one thread per process")
+    return "\n".join(lines) + "\n"
 
 
 def run_in_process(case, steps, device, extra):
@@ -150,14 +191,19 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="flags passed to every script, e.g. '--bf16 --channels-last'")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s at this precision: adds the fraction of it each case reaches")
+    p.add_argument("--pipeline", type=int, default=None, metavar="P",
+                   help="compare each case in one process with P pipelined stages under torchrun (--pipeline)")
     p.add_argument("--out", default=None, help="write the table to this file too")
     args = p.parse_args(argv)
     cases = [parse_case(c) for c in (PRESETS[args.preset] if args.preset else []) + args.cases]
     if not cases:
         raise SystemExit("error: no cases: pass --preset or --cases")
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [run_case(c, args.steps, args.device, args.extra, workdir) for c in with_bp_baselines(cases)]
-    text = table(rows, args.extra, args.peak_tflops)
+        if args.pipeline:
+            rows = [run_pipeline_case(c, args.pipeline, args.steps, args.device, args.extra, workdir) for c in cases]
+        else:
+            rows = [run_case(c, args.steps, args.device, args.extra, workdir) for c in with_bp_baselines(cases)]
+    text = pipeline_table(rows, args.pipeline) if args.pipeline else table(rows, args.extra, args.peak_tflops)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

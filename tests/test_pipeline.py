@@ -119,3 +119,13 @@ def test_balanced_cuts_minimise_the_slowest_stage():
         worst = lambda c: max(sum(costs[a:b]) for a, b in zip([0, *c], [*c, len(costs)]))
         best = min(worst(list(c)) for c in itertools.combinations(range(1, len(costs)), parts - 1))
         assert len(cuts) == parts - 1 and worst(cuts) == best
+
+
+def test_bench_compares_one_process_with_pipelined_stages():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+    rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "--pipeline", "2", "--steps", "3", "--device", "cpu"])
+    (row,) = rows
+    assert "error" not in row and row["sequential"] > 0 and row["pipelined"] > 0
+    assert [s["modules"] for s in row["stages"]] == [[0, 1], [2, 3]]
+    assert "| dgl | resnet32 | 4 | cifar10 | 16 |" in bench.pipeline_table(rows, 2)
