@@ -33,6 +33,12 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def metrics_but_time(run_dir):
+    """A run's metrics.jsonl without the wall time: what an exactly resumed or pipelined run repeats."""
+    lines = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return [{k: v for k, v in line.items() if k != "elapsed_s"} for line in lines]
+
+
 def build_method(name, *argv, data=None):
     """What `<name>.main(argv)` builds before training, on the CPU: (args, data, net, modules, aux)."""
     common, script = importlib.import_module("common"), importlib.import_module(name)
