@@ -28,7 +28,7 @@ decoder + 1c2f CE head, each lambda1 * BCE + lambda2 * task with `--lambdas` (IX
 default the MLAAN README's 5 0.5 0 0) interpolated by ratio = stage / (K - 2), stage (1..3) being the
 stage of the window's last block (the official rule; clamped at 1 here so small K get no negative λ).
 
-K and leap paths. K counts the stem as a module when it stands alone (DESIGN.md). The official code
+K and leap paths. K counts the stem as a module when it stands alone (README, Modules and K). The official code
 merges the stem into its first module and keys its tables by that count: code K=15 (ResNet-32, one
 block per module) is our `--k 15` (same split) and our `--k 16` (the stem as module 0, the paper's
 "K=16"); code K=54 (ResNet-110) is our `--k 54` / `--k 55`; code K=8 (ResNet-32) is our `--k 8`. On
@@ -55,7 +55,7 @@ Differences from the official code (Wendy231015/MLAAN):
 - STL-10 has 10 classes (the code's 'sl10' typo gives it 100). Only the heads used are built (the
   code builds 825 to 2,970 unused ones). Leap copies start from the backbone's initial weights, as
   in the CIFAR code. BCE is computed from the decoder's logits (the same value, autocast-safe).
-- Splits, schedule and data follow the shared protocol (DESIGN.md), the official recipe: 400 epochs.
+- Splits, schedule and data follow the shared protocol (README, Protocol), the official recipe: 400 epochs.
 - ImageNet (the ResNets of common.py): the official ImageNet model (ImageNet/networks/resnet34.py,
   resnet101.py). Windows of 3 modules whatever the base; --base plain uses its heads (auxnet34.py /
   auxnet101.py: a 64- or 128-channel map gets conv1x1 (C -> 2C)-BN-ReLU-conv1x1 (2C -> C)-BN-ReLU
