@@ -129,6 +129,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypa
         compare.main([str(runs / "bp"), "--plot", str(tmp_path / "x.png")])
 
 
+@pytest.mark.slow
 def test_a_real_run(runs, tmp_path):
     """A run the scripts write today (whatever per-module fields it has), against the bp.py run above."""
     summary = run_script("dgl", tmp_path / "dgl-real", "--k", "4", "--epochs", "1", "--steps", "1", "--subset", "64")

@@ -22,6 +22,7 @@ def setup(*flags, k=4):
     return args, data, net, modules, aux
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_step_matches_fp32():
     losses = {}
     for flags in ((), ("--bf16", "--channels-last")):
@@ -40,12 +41,14 @@ def test_bf16_channels_last_step_matches_fp32():
     assert abs(fast - fp32) < 0.05 * fp32
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_run(tmp_path):
     summary = run_script("dgl", tmp_path / "run", "--k", "4", "--bf16", "--channels-last", "--steps", "2",
                          "--subset", "128")
     assert summary["steps"] == 2 and summary["act_mem_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_compile_wraps_every_piece_without_changing_state_keys(tmp_path):
     args, data, net, modules, aux = setup("--compile")
     args.out = str(tmp_path / "run")
@@ -68,6 +71,7 @@ def test_no_augment_and_fake_data():
     assert fake.train_x.shape == (32, 3, 96, 96) and fake.num_classes == 10 and fake.train_y.max() < 10
 
 
+@pytest.mark.slow
 def test_benchmark_table_on_cpu(tmp_path):
     rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "contsup:resnet32:4:cifar10:16:--context=R0",
                        "contsup:resnet32:4:cifar10:16:--context=R1,--loss=ce", "--steps", "3", "--device", "cpu",
