@@ -52,6 +52,8 @@ def runs(tmp_path):
               [epoch(0.3, 0.3), epoch(0.8, 0.8)],
               dict(final_test_acc=0.8, best_test_acc=0.8, act_mem_bytes=70e6, peak_mem_bytes=None,
                    images_per_s=None, epochs=3))
+    for name, stamp in (("args.json", 1000), ("metrics.jsonl", 1080), ("summary.json", 1090)):
+        os.utime(tmp_path / "contsup-old" / name, (stamp, stamp))
     return tmp_path
 
 
@@ -80,9 +82,10 @@ def test_table_from_finished_running_and_older_runs(runs, capsys):
                                                                                         "30 s")
     assert info["act. MB"] == info["act / bp"] == info["images/s"] == "-"
     assert "† no summary.json yet" in text
-    # an older run: no elapsed time, no CUDA peak, and no bp.py run at its batch
+    # an older run: no CUDA peak, no bp.py run at its batch, and the wall time from its files' times
     assert (old["epochs"], old["act. MB"], old["act / bp"], old["peak MB"], old["wall time"]) == ("2/3", "70.0", "-",
-                                                                                                   "-", "-")
+                                                                                                   "-", "~90 s")
+    assert "~ from the files' times" in text
 
 
 def test_runs_named_outright_keep_their_order_and_cpu_tables_have_no_peak_column(runs):

@@ -68,12 +68,25 @@ def find_runs(patterns):
     return folders
 
 
+def file_times_elapsed(folder):
+    """Wall time of a run from before `elapsed_s`: args.json is written when the run starts (or is
+    resumed), summary.json or metrics.jsonl last when it ends (or at its last epoch)."""
+    paths = {name: os.path.join(folder, name) for name in ("args.json", "metrics.jsonl", "summary.json")}
+    stamps = {name: os.path.getmtime(path) for name, path in paths.items() if os.path.exists(path)}
+    if "args.json" not in stamps or len(stamps) < 2:
+        return None
+    return max(stamps.values()) - stamps["args.json"]
+
+
 def load_run(folder):
     """One run as a flat dict; the summary wins over args.json, the last epoch line fills in."""
     args = read_json(os.path.join(folder, "args.json"))
     summary = read_json(os.path.join(folder, "summary.json"))
     epochs = read_metrics(os.path.join(folder, "metrics.jsonl"))
     last = epochs[-1] if epochs else {}
+    elapsed, estimated = summary.get("elapsed_s", last.get("elapsed_s")), False
+    if elapsed is None:
+        elapsed, estimated = file_times_elapsed(folder), True
 
     def get(key):
         return summary[key] if summary.get(key) is not None else args.get(key)
@@ -85,7 +98,8 @@ def load_run(folder):
         "final": summary.get("final_test_acc", last.get("test_acc")),
         "best": summary.get("best_test_acc", last.get("best_test_acc")),
         "act_mem": summary.get("act_mem_bytes"), "peak_mem": summary.get("peak_mem_bytes"),
-        "images_per_s": summary.get("images_per_s"), "elapsed_s": summary.get("elapsed_s", last.get("elapsed_s")),
+        "images_per_s": summary.get("images_per_s"), "elapsed_s": elapsed,
+        "elapsed_estimated": estimated and elapsed is not None,
     }
 
 
@@ -128,10 +142,12 @@ def table(runs):
             memory += [fmt(r["peak_mem"], ".1f", 1e-6), fmt(r["peak_mem_ratio"], ".2f")]
         cells = [r["run"], *(fmt(r[key]) for key in ("method", "dataset", "arch", "k", "batch")), epochs,
                  fmt(r["final"], ".1f", 100, "%"), fmt(r["best"], ".1f", 100, "%"), *memory,
-                 fmt(r["images_per_s"], ".0f"), duration(r["elapsed_s"])]
+                 fmt(r["images_per_s"], ".0f"), ("~" if r["elapsed_estimated"] else "") + duration(r["elapsed_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     if not all(r["finished"] for r in runs):
         lines.append("\n† no summary.json yet: the run is still going (or was stopped); its last epoch is shown.")
+    if any(r["elapsed_estimated"] for r in runs):
+        lines.append("\n~ from the files' times (the run has no elapsed_s): since its start or its last --resume.")
     return "\n".join(lines) + "\n"
 
 
