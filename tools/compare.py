@@ -5,7 +5,8 @@
 
 Each argument is a run folder (what a script writes to --out: args.json, metrics.jsonl and, once
 the run has finished, summary.json) or a glob of them. Runs still going (no summary.json yet) and
-runs from older versions (fewer fields) are shown with what they have; a missing value is "-".
+runs from older versions (fewer fields) are shown with what they have; a missing value is "-",
+and a wall time taken from the files' times (runs from before `elapsed_s`) is marked "~".
 
 Columns: the run's folder, method, dataset, arch, K, batch, epochs done / planned, final and best
 test accuracy, the activation memory of one step (`act_mem_bytes`) and the peak CUDA memory
