@@ -564,35 +564,63 @@ RESUMABLE_ARGS = {"out", "resume", "device", "data_dir", "steps", "workers", "sa
 SAVE_EVERY_IMAGENET = 1000  # steps: a mid-epoch checkpoint every 10-30 minutes on 8 GPUs
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every option's default: appended where the
+    help text does not state it already (defaults resolved after parsing, e.g. per dataset, are
+    written out in their help texts); flags (no value) are off by default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def per_dataset(specs, field):
+    """'cifar10 1024, ...': a per-dataset default for the help texts."""
+    return ", ".join(f"{name} {getattr(spec, field)}" for name, spec in specs.items())
+
+
 def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None, no_pipeline=None):
     """The shared command line. Dataset-dependent defaults (batch, lr, schedule) are filled in
     after parsing; `k` and `epochs` are the method's paper defaults, and `imagenet` its ImageNet
     `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4), and its `k`
     per network ({arch: K}) where that is not `k`. A method that cannot train its modules as
     pipeline stages gives the reason as `no_pipeline`."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    imagenet = dict(imagenet or {})
+    k_by_arch = imagenet.pop("k", {})
+    imagenet = dataclasses.replace(DATASETS["imagenet"], **{"epochs": 90, **imagenet})
+    specs = {**DATASETS, "imagenet": imagenet}  # the defaults this method resolves per dataset
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
     p.add_argument("--arch", default="resnet32", help=f"one of {', '.join(ARCHS)}")
     p.add_argument("--k", type=int, default=None, help=f"number of gradient-isolated modules, the last included; "
-                   f"default {k}" + (" (ImageNet: per network)" if "k" in (imagenet or {}) else ""))
+                   f"default {k}" + (" (ImageNet: per network)" if k_by_arch else ""))
     p.add_argument("--split", default="official", help="official | even | balanced (InfoPro*)")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {epochs} (the paper's); synthetic: "
-                   f"{DATASETS['synthetic'].epochs}")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch; default per dataset")
-    p.add_argument("--lr", type=float, default=None, help="initial lr; default per dataset")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-epochs", type=int, default=None, help="warm-up from lr 0.01; default 10")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help=f"default {epochs} (the paper's); synthetic "
+                   f"{specs['synthetic'].epochs}, imagenet {specs['imagenet'].epochs}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch; default per dataset: {per_dataset(specs, 'batch_size')}")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"initial lr; default per dataset: {per_dataset(specs, 'lr')}")
+    p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum of the SGD optimizer")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="weight decay of every parameter (backbone and auxiliary nets)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="epochs of blend from lr 0.01 into the cosine; default per dataset: "
+                   + per_dataset(specs, "warmup_epochs"))
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the data order and the augmentation (and the synthetic set)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="output folder; default runs/<method>-<dataset>-<arch>-k<K>")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="stop after this many optimizer steps (default: train every epoch)")
     p.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
     p.add_argument("--image-size", type=int, default=224, help="ImageNet training crop (smaller for quick runs)")
     p.add_argument("--subset", type=int, default=None, metavar="N",
-                   help="use only the first N training and N test images (quick checks)")
+                   help="use only the first N training and N test images (quick checks; default: all)")
     p.add_argument("--fake-data", action="store_true",
                    help="random images of the dataset's shape instead of its files (benchmarks)")
     p.add_argument("--no-augment", action="store_true", help="train on the images as they are (no crop, no flip)")
@@ -623,13 +651,9 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
         die(f"unknown --arch {args.arch!r}: choose one of {', '.join(ARCHS)}")
     if args.dataset == "imagenet" and args.arch not in IMAGENET_ARCHS:
         die(f"--arch {args.arch} is a CIFAR network; for imagenet choose one of {', '.join(IMAGENET_ARCHS)}")
-    imagenet = dict(imagenet or {})
-    k_by_arch = imagenet.pop("k", {})
     if args.k is None:
         args.k = k_by_arch.get(args.arch, k) if args.dataset == "imagenet" else k
-    spec = DATASETS[args.dataset]
-    if args.dataset == "imagenet":
-        spec = dataclasses.replace(spec, **{"epochs": 90, **imagenet})
+    spec = specs[args.dataset]
     args.epochs = (spec.epochs or epochs) if args.epochs is None else args.epochs
     args.batch_size = spec.batch_size if args.batch_size is None else args.batch_size
     args.lr = spec.lr if args.lr is None else args.lr

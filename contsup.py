@@ -48,7 +48,7 @@ Differences from the official code (Tab-ct/ContSup):
   of the image size (the resolution of the ImageNet stem's output) rather than at 224 x 224; then
   average pooling to the node's size, as on CIFAR. Rn is unchanged (1x1 conv at the source's size,
   then pooling). --reconstruct needs --lambdas (there is no table).
-- The shared protocol (common.py, README) for data, schedule and outputs; the head is fixed at `1c2f`, width
+- The shared protocol (README, Protocol) for data, schedule and outputs; the head is fixed at `1c2f`, width
   1, 128 features, no dropout; no nn.DataParallel. --split balanced uses common.py's splits, which for
   ResNet-32 are not ContSup's table.
 """

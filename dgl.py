@@ -22,7 +22,7 @@ Differences from the official code (eugenium/DGL):
 - The official `auxillary_classifier2` also allocates a BatchNorm2d(C) that only its `mlp=0` variant
   uses; mlp-sr never touches it, so it is left out: each head has 2C parameters fewer than the
   official one (14,378 / 54,858 / 214,154 instead of 14,410 / 54,922 / 214,282 for C = 16 / 32 / 64).
-- Splits, schedule and data follow the shared protocol (common.py, README), not the DGL paper's CNNs.
+- Splits, schedule and data follow the shared protocol (README, Protocol), not the DGL paper's CNNs.
 - ImageNet: the official batch 256, lr 0.1 and 50 epochs, but with the shared cosine schedule and
   Nesterov instead of the official step decay (lr / 10 every 10 epochs, optimizers re-created at
   each decay, which resets momentum) and plain momentum; no fp16 (use --bf16). The heads sit on

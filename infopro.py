@@ -37,7 +37,7 @@ Differences from the official code (blackfeather-wang/InfoPro-Pytorch):
 - The CIFAR aux nets are fixed to the published configuration: `1c2f`, widen 1, feature dim 128.
   The ImageNet ones, officially only for the 512 x 28 x 28 cut, take any cut (sizes as above).
 - Splits, schedule, data and the one optimizer step per batch follow the shared protocol
-  (DESIGN.md), which is the official recipe.
+  (README, Protocol), which is the official recipe.
 """
 import functools
 import math

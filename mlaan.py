@@ -30,7 +30,7 @@ stage of the window's last block and K the official code's module count, in whic
 into the first module (see below: code K=15 for our --k 15 and --k 16 on ResNet-32); the official
 rule, clamped at 1 here so small K get no negative λ.
 
-K and leap paths. K counts the stem as a module when it stands alone (as in every script). The official code
+K and leap paths. K counts the stem as a module when it stands alone (README, Modules and K). The official code
 merges the stem into its first module and keys its tables by that count: code K=15 (ResNet-32, one
 block per module) is our `--k 15` (same split) and our `--k 16` (the stem as module 0, the paper's
 "K=16"); code K=54 (ResNet-110) is our `--k 54` / `--k 55`; code K=8 (ResNet-32) is our `--k 8`. On
@@ -59,7 +59,7 @@ Differences from the official code (Wendy231015/MLAAN):
   in the CIFAR code. BCE is computed from the decoder's logits (the same value, autocast-safe).
   Under --bf16 (autocast; the official code has none) SupCon runs in float32; otherwise in the
   features' dtype, as there.
-- Splits, schedule and data follow the shared protocol (common.py, README), the official recipe: 400 epochs.
+- Splits, schedule and data follow the shared protocol (README, Protocol), the official recipe: 400 epochs.
 - ImageNet (the ResNets of common.py): the official ImageNet model (ImageNet/networks/resnet34.py,
   resnet101.py). Windows of 3 modules whatever the base; --base plain uses its heads (auxnet34.py /
   auxnet101.py: a 64- or 128-channel map gets conv1x1 (C -> 2C)-BN-ReLU-conv1x1 (2C -> C)-BN-ReLU

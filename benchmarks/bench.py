@@ -7,8 +7,7 @@ relative to bp.py, training FLOPs per image (forward and every backward, counted
 compute relative to bp.py, for the same arch, dataset shape, batch and precision.
 
     python benchmarks/bench.py --preset gpu --out benchmarks/results.md        # the README table
-    python benchmarks/bench.py --cases bp:resnet32:1:cifar10:64 dgl:resnet32:4:cifar10:64 \
-        --steps 4 --device cpu                                                   # a CPU smoke run
+    python benchmarks/bench.py --cases dgl:resnet32:4:cifar10:64 --steps 4 --device cpu   # a CPU smoke run
     python benchmarks/bench.py --preset gpu --extra "--bf16 --channels-last"
 
     python benchmarks/bench.py --preset infopro-star   # InfoPro* Table 3 (ResNet-110, balanced K=2,3,4)
@@ -18,7 +17,8 @@ compute relative to bp.py, for the same arch, dataset shape, batch and precision
 
 A case is METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], OPTIONS being the script's own flags joined by
 commas, e.g. infopro:resnet110:2:cifar10:1024:--split=balanced. A bp.py case is added for every
-(arch, dataset, batch) that lacks one. Measurement: common.Run (peak after 2 warm-up steps, evaluation excluded).
+(arch, dataset, batch) that lacks one (so the smoke run above also runs bp:resnet32:1:cifar10:64).
+Measurement: common.Run (peak after 2 warm-up steps, evaluation excluded).
 """
 import argparse
 import contextlib

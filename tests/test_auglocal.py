@@ -155,6 +155,7 @@ def test_generalised_rule_on_modules_of_several_layers():
     assert [len(blocks(h)) for h in aux] == [4, 4, 3, 3, 2]  # round(4 - 1.5 i / 4): i = 4 gives 2.5 -> 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [16, 55])
 def test_resnet110_runs(tmp_path, k):
     """The generalised rule (K=16) and the paper's one layer per module (K=55, d=3: 52 modules)."""
@@ -179,6 +180,7 @@ def test_official_k_rule():
     assert modules(16, "--k-rule", "official") == modules(16) == [[i] for i in range(13)] + [[13, 14, 15]]
 
 
+@pytest.mark.slow
 def test_summary_reports_the_merged_modules(tmp_path):
     summary = run_script("auglocal", tmp_path / "run", "--k", "16", "--aux-depth", "3", "--steps", "1")
     assert summary["modules"] == [[i] for i in range(12)] + [[12, 13, 14, 15]]
@@ -196,18 +198,21 @@ def test_bad_input_is_one_clear_line(tmp_path, flags, message):
         run_script("auglocal", tmp_path / "run", *flags, "--steps", "1")
 
 
+@pytest.mark.slow
 def test_each_module_gets_exactly_the_gradient_of_its_own_local_loss():
     args, data, net, modules, aux = build(k=4)
     assert len(modules) == 4 and len(aux) == 3
     assert_greedy_gradients("auglocal", args, net, modules, aux, data.normalize(data.train_x[:32]), data.train_y[:32])
 
 
+@pytest.mark.slow
 def test_per_module_backward_keeps_activation_memory_low(tmp_path):
     bp_summary = run_script("bp", tmp_path / "bp", "--steps", "1")
     al = run_script("auglocal", tmp_path / "al", "--steps", "1")
     assert al["act_mem_bytes"] < 0.5 * bp_summary["act_mem_bytes"]
 
 
+@pytest.mark.slow
 def test_auglocal_learns_on_synthetic(tmp_path):
     summary = run_script("auglocal", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 1.0 (d=2)
@@ -251,6 +256,7 @@ def test_imagenet_vgg_aux():
     assert [m.out_channels for m in aux[0] if isinstance(m, nn.Conv2d)] == [128, 256, 512, 512]
 
 
+@pytest.mark.slow
 def test_imagenet_network_runs_a_step_with_one_layer_per_module_by_default(tmp_path):
     summary = run_script("auglocal", tmp_path / "run", "--dataset", "imagenet", "--fake-data", "--image-size", "32",
                          "--arch", "resnet18", "--batch-size", "4", "--steps", "1", "--device", "cpu", quick=False)

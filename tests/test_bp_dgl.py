@@ -63,6 +63,7 @@ def test_no_gradient_crosses_a_module_boundary():
     assert not all(torch.equal(a, b) for a, b in zip(before[3], after[3]))  # the check can fail
 
 
+@pytest.mark.slow
 def test_per_module_backward_is_what_saves_memory():
     """The act_mem meter tells a per-module backward from one backward on the summed losses."""
     args, data, net, modules, aux = build(4)
@@ -86,6 +87,7 @@ def test_per_module_backward_is_what_saves_memory():
     assert peaks["local"] < 0.6 * peaks["summed"]
 
 
+@pytest.mark.slow
 def test_dgl_activation_memory_well_below_bp(tmp_path):
     bp_summary = run_script("bp", tmp_path / "bp", "--steps", "1")
     dgl_summary = run_script("dgl", tmp_path / "dgl", "--k", "4", "--steps", "1")
@@ -94,6 +96,7 @@ def test_dgl_activation_memory_well_below_bp(tmp_path):
     assert k16["act_mem_bytes"] < dgl_summary["act_mem_bytes"]
 
 
+@pytest.mark.slow
 def test_grad_checkpoint_gives_the_same_gradients_and_batchnorm_statistics():
     """The forward recomputed in backward must not update BatchNorm's running statistics again."""
     args, data, net, modules, _ = build(1)
@@ -111,6 +114,7 @@ def test_grad_checkpoint_gives_the_same_gradients_and_batchnorm_statistics():
     assert bp.checkpoint_segments(tuple(range(16)), 3) == [list(range(0, 6)), list(range(6, 11)), list(range(11, 16))]
 
 
+@pytest.mark.slow
 def test_k1_local_training_equals_bp(tmp_path):
     run_script("bp", tmp_path / "bp", "--epochs", "1")
     run_script("dgl", tmp_path / "dgl", "--k", "1", "--epochs", "1")
@@ -120,6 +124,7 @@ def test_k1_local_training_equals_bp(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_outputs(tmp_path):
     out = tmp_path / "run"
     summary = run_script("dgl", out, "--k", "4", "--epochs", "2")
@@ -136,6 +141,7 @@ def test_outputs(tmp_path):
     assert read_json(out / "args.json")["k"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,k,blocks", [("resnet32", 8, [2] * 8), ("resnet110", 4, [13, 14, 14, 14])])
 def test_summary_reports_official_split_and_params(tmp_path, arch, k, blocks):
     summary = run_script("dgl", tmp_path / "run", "--arch", arch, "--k", k, "--steps", "1", "--subset", "64")
@@ -143,6 +149,7 @@ def test_summary_reports_official_split_and_params(tmp_path, arch, k, blocks):
     assert summary["params"]["backbone"] == {"resnet32": 466_906, "resnet110": 1_730_714}[arch]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     run_script("dgl", tmp_path / "straight", "--k", "2", "--epochs", "2")
     run_script("dgl", tmp_path / "split", "--k", "2", "--epochs", "2", "--steps", "4")  # stops after epoch 1
@@ -155,6 +162,7 @@ def test_resume_continues_exactly(tmp_path):
         read_jsonl(tmp_path / "split" / "metrics.jsonl")[-1]["test_acc"]
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_drops_the_unfinished_epoch(tmp_path):
     run_script("dgl", tmp_path / "run", "--k", "2", "--epochs", "2", "--steps", "6")  # 1.5 epochs
     assert [l["epoch"] for l in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
@@ -163,6 +171,7 @@ def test_resume_mid_epoch_drops_the_unfinished_epoch(tmp_path):
     assert [l["epoch"] for l in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_errors(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         run_script("dgl", tmp_path / "none", "--resume")
@@ -173,12 +182,14 @@ def test_resume_errors(tmp_path):
         run_script("dgl", tmp_path / "run", "--k", "2", "--epochs", "1")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="training loss became nan in epoch 1; lower --lr"):
         run_script("bp", tmp_path / "run", "--lr", "1e30", "--warmup-epochs", "0", "--epochs", "4")
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_models(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dgl.py",
@@ -192,11 +203,13 @@ def test_torchrun_two_processes_keep_identical_models(tmp_path):
     assert summary["final_test_acc"] > 0  # evaluated over both ranks' shards
 
 
+@pytest.mark.slow
 def test_bp_learns_on_synthetic(tmp_path):
     summary = run_script("bp", tmp_path / "run", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.90
 
 
+@pytest.mark.slow
 def test_dgl_learns_on_synthetic(tmp_path):
     summary = run_script("dgl", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 1.0

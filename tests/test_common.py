@@ -81,6 +81,7 @@ def test_backbone_parameter_counts(common):
     assert common.count_params(common.cifar_resnet("resnet110", 10)) == 1_730_714
 
 
+@pytest.mark.slow
 def test_backbone_layers_and_shapes(common):
     net = common.cifar_resnet("resnet110", 10)
     assert len(net.layers) == 55
@@ -224,6 +225,7 @@ def test_saved_tensor_meter_counts_what_backward_holds(common):
 
 # ---- bad input gives one line, no traceback -------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--dataset", "imagenet1k"], "unknown --dataset 'imagenet1k'"),
     (["--arch", "resnet50x"], "unknown --arch 'resnet50x'"),

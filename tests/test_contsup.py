@@ -26,6 +26,7 @@ def batch(data, n=16):
 
 
 # Context parameters the official model actually uses (specs/contsup.md §1.4), ResNet-32 at K=4 / 16.
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,k4,k16", [("R0", 0, 0), ("E", 13_512, 62_232), ("R1", 2_944, 21_808),
                                          ("R1E", 16_360, 83_944), ("R2", 4_352, 40_752)])
 def test_context_parameters_equal_the_official_used_ones(mode, k4, k16):
@@ -35,6 +36,7 @@ def test_context_parameters_equal_the_official_used_ones(mode, k4, k16):
         assert len(aux["context"].nodes) == k - 1
 
 
+@pytest.mark.slow
 def test_which_encoders_each_node_has():
     *_, aux = build(4, "--context", "R1E")  # node 0: E only; later nodes: E + the previous module input
     assert [(n.image is not None, len(n.recent)) for n in aux["context"].nodes] == [(True, 0), (True, 1), (True, 1)]
@@ -76,6 +78,7 @@ def test_supcon_loss_keeps_float64():
     torch.testing.assert_close(loss, supcon_reference(features, y), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["contrast", "ce"])
 def test_r0_step_is_plain_greedy_training(loss):
     """With no context, every parameter gets exactly the gradient of a hand-written greedy step with
@@ -171,6 +174,7 @@ def test_inference_uses_the_context():
         assert not torch.allclose(contsup.predict(net, modules, aux["context"], x), before)
 
 
+@pytest.mark.slow
 def test_compute_of_the_inference_network():
     """Multiply-adds per image (conv and linear), as counted on the official model (specs/contsup.md
     §1.8): the full-resolution E encoders nearly double ResNet-32 at K=16."""
@@ -182,6 +186,7 @@ def test_compute_of_the_inference_network():
     assert [round(macs(mode) / 1e5) for mode in ("R0", "E", "R1", "R1E")] == [691, 1307, 734, 1349]
 
 
+@pytest.mark.slow
 def test_summary_params_and_evaluation_through_the_context(tmp_path, monkeypatch):
     calls = []
     predict = contsup.predict
@@ -259,6 +264,7 @@ def test_memory_stays_local_with_context():
     assert peaks["contsup"] < 0.6 * peaks["bp"]
 
 
+@pytest.mark.slow
 def test_contsup_learns_on_synthetic(tmp_path):
     summary = run_script("contsup", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.98
@@ -274,6 +280,7 @@ def imagenet_aux(arch, k, *flags, split="official"):
     return net, modules, contsup.build_aux(args, net, modules, data)
 
 
+@pytest.mark.slow
 def test_imagenet_generalisation():
     """ImageNet (no official code): InfoPro's ImageNet head with CE by default, E's convs at stride 2
     (1/4 of the image size, the stem's output size), Rn as on CIFAR."""

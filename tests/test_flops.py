@@ -29,6 +29,7 @@ def flops(fn):
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_k1_equals_bp_in_any_precision(summary):
     bp, dgl = summary("bp"), summary("dgl", "--k", "1")
     assert bp["train_flops_per_image"] > 3 * bp["inference_flops_per_image"] * 0.99 > 0
@@ -39,6 +40,7 @@ def test_k1_equals_bp_in_any_precision(summary):
     assert fast["train_flops_per_image"] == bp["train_flops_per_image"] and 0 < fast["act_mem_bytes"]
 
 
+@pytest.mark.slow
 def test_aux_nets_add_exactly_their_flops(summary):
     """dgl K=4 = bp.py + every head's forward and backward (into its module) - the input gradients
     that the cuts skip (the first convolutions of modules 2..4 no longer reach their detached input)."""
@@ -63,6 +65,7 @@ def test_aux_nets_add_exactly_their_flops(summary):
     assert dgl["inference_flops_per_image"] == bp["inference_flops_per_image"]  # the same backbone
 
 
+@pytest.mark.slow
 def test_grad_checkpoint_recomputes_one_forward(summary):
     """Checkpointing recomputes the forward of every segment (all layers, not the head) during
     backward: exactly one inference forward less the head's Linear(64, 10), about 4/3 of the
@@ -73,6 +76,7 @@ def test_grad_checkpoint_recomputes_one_forward(summary):
     assert 1.33 < ckpt["train_flops_per_image"] / plain["train_flops_per_image"] < 1.34  # measured 1.334
 
 
+@pytest.mark.slow
 def test_contsup_inference_includes_the_context_encoders(summary):
     """ContSup's inference network (the default context E) is the backbone plus one image encoder
     E_i(x) per context node: exactly their FLOPs more than bp.py's."""

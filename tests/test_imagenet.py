@@ -37,6 +37,7 @@ def imagenet_args(root, *extra):
             "--workers", "0", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_backbones_are_torchvision_models_relisted():
     import torchvision
     for arch, n_layers in (("resnet18", 9), ("resnet50", 17)):
@@ -94,6 +95,7 @@ def test_imagefolder_pipeline(tiny_imagenet):
     assert sum(len(y) for shard in shards for _, y in shard) == 6  # each image once over the ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_script_runs_on_imagenet(tmp_path, tiny_imagenet, method):
     k = {"bp": "1", "mlaan": "4"}.get(method, "3")  # MLAAN's ImageNet windows hold 3 modules
@@ -104,6 +106,7 @@ def test_every_script_runs_on_imagenet(tmp_path, tiny_imagenet, method):
     assert 0 <= line["test_acc"] <= line["test_top5"] == 1.0  # top-5 of 3 classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,k", [("dgl", 3), ("contsup", 3), ("mlaan", 4)])
 def test_torchrun_on_imagenet(tmp_path, tiny_imagenet, method, k):
     """Two gloo ranks end with identical parameters: backbone, aux nets, ContSup's context encoders,

@@ -56,6 +56,7 @@ def test_imagenet_decoder_and_head():
     assert head(h).shape == (2, 1000)
 
 
+@pytest.mark.slow
 def test_aux_nets_sit_on_module_outputs_with_their_weights(tmp_path, capsys):
     summary = run_script("infopro", tmp_path / "run", "--k", "4", "--steps", "1", "--subset", "64")
     printed = capsys.readouterr().out
@@ -72,6 +73,7 @@ def test_aux_nets_sit_on_module_outputs_with_their_weights(tmp_path, capsys):
     assert [a.head.fc[-1].out_features for a in aux] == [10] * 3
 
 
+@pytest.mark.slow
 def test_lambda_schedule_and_defaults():
     assert infopro.default_lambdas("cifar10", "resnet110", 4, False)[0] == (1, 0, 0, 1)
     assert infopro.lambda_schedule((1, 0, 0, 1), 4) == [(1, 0), (0.5, 0.5), (0, 1)]  # the spec's example
@@ -140,7 +142,7 @@ def module_params(net, layers):
     return [p for i in layers for p in net.layers[i].parameters()]
 
 
-@pytest.mark.parametrize("loss", ["contrast", "ce"])
+@pytest.mark.parametrize("loss", [pytest.param("contrast", marks=pytest.mark.slow), "ce"])
 def test_each_module_gets_exactly_the_gradient_of_its_own_local_loss(loss):
     args, data, net, modules, aux = build(4, "resnet32", "--loss", loss)
     x, y = batch(data)
@@ -166,6 +168,7 @@ def test_each_module_gets_exactly_the_gradient_of_its_own_local_loss(loss):
     assert all(p.grad is not None for p in aux.parameters())  # ... but a gradient (weight decay, momentum)
 
 
+@pytest.mark.slow
 def test_per_module_backward_is_what_saves_memory():
     args, data, net, modules, aux = build(4)
     x, y = batch(data)
@@ -198,6 +201,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
         run_script("infopro", tmp_path / "c", "--lambdas", "1", "2", "3", "-1", "--subset", "64")
 
 
+@pytest.mark.slow
 def test_every_loss_falls_when_fitting_one_batch():
     """On one fixed batch every module's reconstruction and SupCon losses and the final CE fall
     within a few steps. (At lr 0.05 a 1c2f head can collapse on one batch: its SupCon then stays
@@ -226,6 +230,7 @@ def test_every_loss_falls_when_fitting_one_batch():
     assert after[-1] < 0.3 < 2 < before[-1], (before, after)  # the final CE (0.07)
 
 
+@pytest.mark.slow
 def test_infopro_learns_on_synthetic(tmp_path):
     """The published CIFAR-10 K=4 weights (6, 0, 1, 2) and SupCon, end to end."""
     summary = run_script("infopro", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")

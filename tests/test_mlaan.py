@@ -141,6 +141,7 @@ def reference_gradients(net, modules, aux, base, x, y, imagenet=False):
     return params, total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base,k", [("plain", 16), ("dgl", 5), ("infopro", 5)])
 def test_gradients_are_those_of_the_windows(base, k):
     args, data, net, modules, aux = build(k, base)
@@ -158,6 +159,7 @@ def build_imagenet(arch, k, base="plain"):
                         "--k", k, "--base", base, "--device", "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["plain", "dgl"])
 def test_imagenet_gradients_are_those_of_the_official_imagenet_model(base):
     """Windows of 3 whatever the base, and the final loss mixed 0.999 : 0.001 with module K-1 alone."""
@@ -192,6 +194,7 @@ def test_imagenet_leap_paths_are_the_official_tables(arch, code_k, stem_alone):
     assert paths[stem_alone:-1] == table and paths[-1] == []
 
 
+@pytest.mark.slow
 def test_imagenet_heads_are_the_official_ones():
     """auxnet34.py: conv1x1 pair before the linear layer on 64/128-channel maps only; auxnet101.py:
     global pool + Linear everywhere; the cascaded head is global pool + Linear on the leap's output."""
@@ -215,6 +218,7 @@ def test_imagenet_heads_are_the_official_ones():
     assert cascade == [linear(2048)] * 30
 
 
+@pytest.mark.slow
 def test_imagenet_leap_copies_are_drawn_anew():
     """The official ImageNet code re-initialises its leap and EMA copies; CIFAR copies the backbone."""
     _, _, net, _, aux = build_imagenet("resnet18", 5)
@@ -232,6 +236,7 @@ def test_imagenet_refuses_the_infopro_base():
         build_imagenet("resnet18", 5, "infopro")
 
 
+@pytest.mark.slow
 def test_who_gets_which_gradient():
     """Perturbation check of the spec's table (windows of 3): a window's cascaded loss reaches exactly
     its 3 modules, its independent loss only its last module, the final CE only the last 3 modules."""
@@ -269,6 +274,7 @@ def test_who_gets_which_gradient():
     assert changed_by(aux[0].leap[0].parameters()) == {"M0", "M1", "M2", "leap2", "cascade2"}  # M0: window 2 only
 
 
+@pytest.mark.slow
 def test_ema_copies_follow_the_backbone_and_take_no_gradient():
     args, data, net, modules, aux = build(16, "plain", "resnet32", "--ema-decay", "0.9")
     paths, _ = mlaan.leap_paths("resnet32", modules, cifar_shapes("resnet32"))
@@ -294,6 +300,7 @@ def test_ema_copies_follow_the_backbone_and_take_no_gradient():
         assert all(p.grad is not None for p in w.leap.parameters())
 
 
+@pytest.mark.slow
 def test_inference_is_the_backbone_alone(tmp_path):
     out = tmp_path / "run"
     summary = run_script("mlaan", out, "--k", "8", "--epochs", "1")
@@ -309,6 +316,7 @@ def test_inference_is_the_backbone_alone(tmp_path):
     assert correct / len(data.test_y) == summary["final_test_acc"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base,k", [("plain", 16), ("dgl", 8), ("infopro", 8)])
 def test_every_base_runs(tmp_path, base, k):
     summary = run_script("mlaan", tmp_path / "run", "--base", base, "--k", k, "--steps", "1", "--subset", "16",
@@ -317,6 +325,7 @@ def test_every_base_runs(tmp_path, base, k):
     assert summary["params"]["aux"] > summary["params"]["backbone"]  # heads, leap paths and EMA copies
 
 
+@pytest.mark.slow
 def test_windows_keep_activation_memory_below_bp(tmp_path):
     """One backward per window: at K=16 a window holds about 0.57 of BP's saved activations (two
     blocks, the independent block, the leap path); one backward on the summed losses would hold
@@ -338,6 +347,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
         run_script("mlaan", tmp_path / "run", *args)
 
 
+@pytest.mark.slow
 def test_mlaan_learns_on_synthetic(tmp_path):
     summary = run_script("mlaan", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
     assert summary["final_test_acc"] > 0.7  # chance is 0.1; measured 0.97

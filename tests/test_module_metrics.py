@@ -2,6 +2,7 @@
 during training, its test accuracy with --module-acc, and the wall time."""
 import functools
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ import dgl
 from conftest import build_method, read_json, read_jsonl, run_script
 
 
+@pytest.mark.slow
 def test_dgl_logs_every_modules_loss_and_accuracy(tmp_path):
     run_script("dgl", tmp_path / "run", "--k", 4, "--epochs", 2, "--module-acc")
     lines, summary = read_jsonl(tmp_path / "run" / "metrics.jsonl"), read_json(tmp_path / "run" / "summary.json")
@@ -35,6 +37,7 @@ def test_dgl_logs_every_modules_loss_and_accuracy(tmp_path):
     assert abs(lines[-1]["module_test_acc"][1] - right) < 1e-6
 
 
+@pytest.mark.slow
 def test_modules_without_a_classifier_log_no_accuracy(tmp_path):
     run_script("infopro", tmp_path / "run", "--k", 4, "--steps", 2, "--module-acc")  # SupCon heads
     line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]

@@ -49,6 +49,7 @@ CASES = [("dgl", ["--k", 4]), ("infopro", ["--k", 4]), ("auglocal", ["--k", 8]),
 
 
 @pytest.mark.parametrize("script,args", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_pipeline_equals_sequential_training(tmp_path, script, args):
     args = [*args, "--epochs", 2, "--steps", 6]  # an epoch and a half: checkpoints, metrics, --steps
     sequential(script, tmp_path / "seq", *args)
@@ -69,6 +70,7 @@ def test_pipeline_equals_sequential_training(tmp_path, script, args):
         assert min(s["act_mem_bytes"] for s in stages) < seq["act_mem_bytes"]
 
 
+@pytest.mark.slow
 def test_pipelined_run_resumes_exactly_and_either_mode_resumes_the_other(tmp_path):
     args = ["--k", 4, "--epochs", 2]
     sequential("dgl", tmp_path / "straight", *args)
@@ -85,6 +87,7 @@ def test_pipelined_run_resumes_exactly_and_either_mode_resumes_the_other(tmp_pat
     assert read_json(tmp_path / "half" / "summary.json")["steps"] == 8
 
 
+@pytest.mark.slow
 def test_pipeline_stage_cuts_by_hand_and_bad_cuts(tmp_path):
     proc = torchrun("dgl", tmp_path / "a", 2, "--k", 4, "--steps", 1, "--pipeline-cuts", 3)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,6 +98,7 @@ def test_pipeline_stage_cuts_by_hand_and_bad_cuts(tmp_path):
     assert proc.returncode != 0 and "--pipeline over 3 processes needs at least 3 modules" in proc.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_refusals_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="bp.py cannot pipeline its modules: end-to-end training is one module"):
         run_script("bp", tmp_path / "a", "--pipeline")
@@ -120,6 +124,7 @@ def test_balanced_cuts_minimise_the_slowest_stage():
         assert len(cuts) == parts - 1 and worst(cuts) == best
 
 
+@pytest.mark.slow
 def test_bench_compares_one_process_with_pipelined_stages():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench

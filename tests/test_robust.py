@@ -81,6 +81,7 @@ def copy_run(run, tmp_path):
 
 # ---- 1. a run that fails before its first checkpoint leaves its folder free ----------------------
 
+@pytest.mark.slow
 def test_failed_starts_do_not_lock_the_folder(tmp_path, monkeypatch):
     import torchvision
     data, out = tmp_path / "data", tmp_path / "run"
@@ -101,6 +102,7 @@ def test_failed_starts_do_not_lock_the_folder(tmp_path, monkeypatch):
     assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
+@pytest.mark.slow
 def test_args_json_holds_the_values_used_and_resume_compares_them(tmp_path):
     out = tmp_path / "run"
     tiny("auglocal", out, "--k", "4", "--epochs", "1")
@@ -132,12 +134,14 @@ def test_bad_numbers_are_refused(args, needle):
     one_line_error(e, needle)
 
 
+@pytest.mark.slow
 def test_a_subset_without_a_full_step_is_refused(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_script("dgl", tmp_path / "run", *TINY, "--subset", "1", quick=False)
     one_line_error(e, "--batch-size 32 leaves no training step on 1 training images", "--subset")
 
 
+@pytest.mark.slow
 def test_bad_input_exits_1_with_one_line(tmp_path):
     cmd = [sys.executable, "dgl.py", *TINY, "--lr", "-0.1", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -147,6 +151,7 @@ def test_bad_input_exits_1_with_one_line(tmp_path):
 
 # ---- 3. damaged and unwritable files ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_truncated_checkpoint(after_epoch_1, tmp_path):
     out = copy_run(after_epoch_1, tmp_path)
     path = out / "checkpoint.pt"
@@ -156,6 +161,7 @@ def test_truncated_checkpoint(after_epoch_1, tmp_path):
     one_line_error(e, f"cannot read {path}", "delete it")
 
 
+@pytest.mark.slow
 def test_another_runs_checkpoint(after_epoch_1, tmp_path):
     out = copy_run(after_epoch_1, tmp_path)
     tiny("bp", tmp_path / "bp", "--epochs", "2", "--steps", "2")
@@ -171,6 +177,7 @@ def test_another_runs_checkpoint(after_epoch_1, tmp_path):
     one_line_error(e, "does not fit this model")
 
 
+@pytest.mark.slow
 def test_half_written_metrics_line_and_temporary_files_are_dropped(after_epoch_1, tmp_path):
     out = copy_run(after_epoch_1, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
@@ -188,6 +195,7 @@ def test_out_that_is_a_file(tmp_path):
     one_line_error(e, f"--out {tmp_path / 'file'} is a file")
 
 
+@pytest.mark.slow
 def test_read_only_out(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -197,6 +205,7 @@ def test_read_only_out(tmp_path, monkeypatch):
     one_line_error(e, f"cannot write {tmp_path / 'run'} (Read-only file system)", "--out")
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving(tmp_path, monkeypatch):
     out, save = tmp_path / "run", torch.save
 
@@ -249,6 +258,7 @@ def imagenet(root, *extra):
     return common.parse_args(args, "", "dgl", 16, 160)
 
 
+@pytest.mark.slow
 def test_imagenet_class_folder_without_images(tmp_path):
     image_folder(tmp_path, {"n01": 2, "n02": 0})
     with pytest.raises(SystemExit) as e:
@@ -256,6 +266,7 @@ def test_imagenet_class_folder_without_images(tmp_path):
     one_line_error(e, tmp_path / "train", "n02", "remove the empty class folders")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_corrupt_jpeg_stops_with_its_path(tmp_path, workers):
     image_folder(tmp_path, {"n01": 3, "n02": 3})
@@ -269,6 +280,7 @@ def test_corrupt_jpeg_stops_with_its_path(tmp_path, workers):
 
 # ---- 4. a non-finite model is never checkpointed ---------------------------------------------------
 
+@pytest.mark.slow
 def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:  # the loss stays finite for an epoch while BatchNorm statistics overflow
@@ -285,6 +297,7 @@ def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
 
 # ---- 5. SIGTERM / Ctrl-C and --save-every ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(straight, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "dgl.py", *EXACT, "--out", str(out)]
@@ -307,6 +320,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(straight, tmp_path):
     assert metrics_but_time(straight) == metrics_but_time(out)  # train loss too
 
 
+@pytest.mark.slow
 def test_save_every_resumes_exactly(straight, tmp_path, one_thread, capsys):
     out = tmp_path / "run"
     run_script("dgl", out, *EXACT, "--save-every", "5", "--steps", "7", "--quiet", quick=False)
@@ -318,6 +332,7 @@ def test_save_every_resumes_exactly(straight, tmp_path, one_thread, capsys):
         json.loads(line)
 
 
+@pytest.mark.slow
 def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
     import dgl
     step, calls = dgl.train_step, []
@@ -339,6 +354,7 @@ def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
 
 # ---- 6. what was measured survives a resume ------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_keeps_the_measurements(after_epoch_1, tmp_path):
     out = copy_run(after_epoch_1, tmp_path)
     resumed = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
@@ -350,6 +366,7 @@ def test_resume_keeps_the_measurements(after_epoch_1, tmp_path):
 
 # ---- 8. start and progress lines -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_start_and_progress_lines(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "PROGRESS_STEPS", 1)
     out = tmp_path / "run"

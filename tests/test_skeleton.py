@@ -1,6 +1,7 @@
 """`diff dgl.py <method>.py` shows the method and nothing else: outside the docstring, the imports
 and the METHOD section, every script is dgl.py line for line, but for the method's defaults (the
 parse_args call) and the few main lines a method's inference network changes (ContSup's context)."""
+import importlib
 import os
 import re
 
@@ -51,3 +52,38 @@ def test_script_defaults(name):
     call = re.search(r"common\.parse_args\((.*?)\)\n    run = ", text, re.S).group(1)
     assert call.startswith(f"argv, __doc__, {DEFAULTS[name]}, add_method_args=method_args")
     assert ("imagenet=dict(" in call) == (name in IMAGENET) and IMAGENET.get(name, "") in call
+
+
+
+def help_entries(name, capsys):
+    """`<name>.py --help` as {option: (its spec, e.g. '--k K', and its help text on one line)}."""
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(name).main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    entries = {}
+    for entry in re.split(r"\n(?=  -)", text.strip("\n")):
+        spec, *rest = re.split(r"\s{2,}", entry.strip(), maxsplit=1)
+        entries[spec.split(", ")[-1].split()[0]] = (spec, " ".join(rest[0].split()) if rest else "")
+    return entries
+
+
+
+@pytest.mark.parametrize("name", ["dgl", *SCRIPTS])
+def test_help_gives_every_default(name, capsys):
+    specs = help_entries(name, capsys)
+    entries = {option: text for option, (_, text) in specs.items()}
+    k = re.search(r"k=(\d+)", DEFAULTS[name]).group(1)
+    assert f"(default: {k})" in entries["--k"]
+    assert "(default: cifar10)" in entries["--dataset"] and "(default: official)" in entries["--split"]
+    assert entries["--momentum"] == "Nesterov momentum of the SGD optimizer (default: 0.9)"
+    assert entries["--weight-decay"].startswith("weight decay of every")
+    assert entries["--weight-decay"].endswith("(default: 0.0001)")
+    assert entries["--seed"].startswith("seed of the initial weights") and entries["--seed"].endswith("(default: 0)")
+    # defaults resolved per dataset are written out
+    assert "synthetic 64" in entries["--batch-size"] and "stl10 0.1" in entries["--lr"]
+    assert "synthetic 1" in entries["--warmup-epochs"] and "synthetic 6" in entries["--epochs"]
+    with_value = [option for option, (spec, _) in specs.items() if " " in spec.split(", ")[-1]]
+    assert len(with_value) >= 17, with_value
+    for option in with_value:
+        assert "default" in entries[option].lower(), f"{name}.py --help: {option} shows no default"

@@ -23,6 +23,7 @@ def setup(*flags, k=4):
     return args, data, net, modules, aux
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_step_matches_fp32():
     losses = {}
     for flags in ((), ("--bf16", "--channels-last")):
@@ -41,12 +42,14 @@ def test_bf16_channels_last_step_matches_fp32():
     assert abs(fast - fp32) < 0.05 * fp32
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_run(tmp_path):
     summary = run_script("dgl", tmp_path / "run", "--k", "4", "--bf16", "--channels-last", "--steps", "2",
                          "--subset", "128")
     assert summary["steps"] == 2 and summary["act_mem_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_compile_wraps_every_piece_without_changing_state_keys(tmp_path):
     args, data, net, modules, aux = setup("--compile")
     args.out = str(tmp_path / "run")
@@ -69,6 +72,7 @@ def test_no_augment_and_fake_data():
     assert fake.train_x.shape == (32, 3, 96, 96) and fake.num_classes == 10 and fake.train_y.max() < 10
 
 
+@pytest.mark.slow
 def test_benchmark_table_on_cpu(tmp_path):
     rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "contsup:resnet32:4:cifar10:16:--context=R0",
                        "contsup:resnet32:4:cifar10:16:--context=R1,--loss=ce", "--steps", "3", "--device", "cpu",
@@ -99,3 +103,11 @@ def test_gpu_kit_dry_run(tmp_path):
     assert ": 0 cases in" in text and "Not run (over --budget-s 0): bp:resnet110:1:cifar10:4 (InfoPro* Table 3 (fp32)); " in text
     with pytest.raises(SystemExit, match="no CUDA device is visible"):
         gpu.main(["--out", str(tmp_path)])
+
+
+def test_benchmark_docstring_commands_are_whole_lines():
+    # a backslash continuation inside the docstring joins the lines with a run of spaces in --help
+    commands = [line.split("#")[0].strip() for line in bench.__doc__.splitlines() if line.strip().startswith("python")]
+    assert len(commands) == 7 and not any("  " in c or "\\" in c for c in commands), commands
+    cases = [c.split("--cases ")[1].split(" --")[0].split() for c in commands if "--cases" in c]
+    assert cases and all(bench.parse_case(case) for case in cases[0])
