@@ -823,10 +823,11 @@ class ModuleMeter:
 
 
 def probe_modules(model, data, step, k, args, device):
-    """One training step of every module on two random images, leaving the model as it was:
+    """Training steps of every module on random images, leaving the model as it was. On two images:
     per module its training FLOPs (forward and backward, auxiliary nets included), the parameters
     it gives a gradient and the buffers it updates (which pipeline stage owns them), and the
-    structure of its detached output (what travels to the next stage)."""
+    structure of its detached output (what travels to the next stage). On a batch of the run's
+    size, twice (the first pass warms up): the seconds each module's step takes."""
     state = copy.deepcopy(model.state_dict())
     params, buffers = list(model.parameters()), list(model.buffers())
     was_training = model.training
@@ -845,10 +846,27 @@ def probe_modules(model, data, step, k, args, device):
                                  if j not in buffer_owner and not torch.equal(b, old)})
             leaves, spec = tree_flatten(h)
             outputs.append((spec, [(t.shape[1:], t.dtype) for t in leaves if t is not None]))
+        x = torch.randn(args.batch_size, 3, data.image_size, data.image_size, device=device)
+        y = torch.randint(0, data.num_classes, (args.batch_size,), device=device)
+        seconds = [0.0] * k
+        for _ in range(2):
+            h = x
+            for i in range(k):
+                sync(device)
+                start = time.perf_counter()
+                with autocast(args, device):
+                    h, _, _ = run_modules(step, [i], h, x, y)
+                sync(device)
+                seconds[i] = time.perf_counter() - start
     model.load_state_dict(state)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return flops, param_owner, buffer_owner, outputs
+    return flops, seconds, param_owner, buffer_owner, outputs
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def balanced_cuts(costs, parts):
@@ -880,8 +898,9 @@ class Pipeline:
         if parts > k:
             die(f"--pipeline over {parts} processes needs at least {parts} modules, and this run has {k}; use "
                 f"fewer processes (--nproc_per_node) or a larger --k")
-        flops, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args, run.device)
-        cuts = args.pipeline_cuts or balanced_cuts(flops, parts)
+        flops, seconds, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args, run.device)
+        seconds = run.all_sum(torch.tensor(seconds, dtype=torch.float64, device=run.device)).tolist()  # all agree
+        cuts = args.pipeline_cuts or balanced_cuts(seconds, parts)
         if len(cuts) != parts - 1 or list(cuts) != sorted(set(cuts)) or not 0 < cuts[0] <= cuts[-1] < k:
             die(f"--pipeline-cuts needs {parts - 1} increasing module indices from 1 to {k - 1} (the first module "
                 f"of every stage after the first), got {' '.join(map(str, cuts))}")
@@ -895,12 +914,13 @@ class Pipeline:
         owned = lambda tensors, owner, s: [t for j, t in enumerate(tensors) if stage_of.get(owner.get(j)) == s]
         self.params = [owned(list(model.parameters()), param_owner, s) for s in range(parts)]
         self.buffers = [owned(list(model.buffers()), buffer_owner, s) for s in range(parts)]
-        self.share = [sum(flops[i] for i in stage) / max(1, sum(flops)) for stage in self.stages]
+        share = lambda costs: [sum(costs[i] for i in stage) / max(sum(costs), 1e-12) for stage in self.stages]
+        self.time_share, self.flops_share = share(seconds), share(flops)
         self.pending = collections.deque()
         if run.main:
             described = [f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
-                         f"{modules[st.stop - 1][-1]}), {share:.0%} of the training FLOPs"
-                         for s, (st, share) in enumerate(zip(self.stages, self.share))]
+                         f"{modules[st.stop - 1][-1]}), {busy:.0%} of the step time, {flops:.0%} of the FLOPs"
+                         for s, (st, busy, flops) in enumerate(zip(self.stages, self.time_share, self.flops_share))]
             print("pipeline: " + "; ".join(described), flush=True)
 
     def receive(self, x, batch):
@@ -947,12 +967,14 @@ class Pipeline:
                     t.copy_(new.view_as(t))
 
     def report(self, act_mem_bytes):
-        """Per stage: its modules, its share of the training FLOPs and its activation memory."""
+        """Per stage: its modules, its share of the step time and of the training FLOPs and its
+        activation memory."""
         mem = torch.tensor([float(act_mem_bytes or 0)], device=self.device)
         gathered = [torch.empty_like(mem) for _ in self.stages]
         dist.all_gather(gathered, mem)
-        return [{"modules": list(stage), "flops_share": round(share, 4), "act_mem_bytes": int(m.item())}
-                for stage, share, m in zip(self.stages, self.share, gathered)]
+        return [{"modules": list(stage), "time_share": round(busy, 4), "flops_share": round(flops, 4),
+                 "act_mem_bytes": int(m.item())}
+                for stage, busy, flops, m in zip(self.stages, self.time_share, self.flops_share, gathered)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1011,6 +1033,7 @@ class Run:
         self.batch = 0          # batches done in the running epoch
         self.saved = None       # the last good checkpoint, in words
         self.signal = None      # the SIGTERM / SIGINT received, acted on after the current step
+        self._stop_vote = None  # the ranks' sum of their signal flags, under way (torchrun)
         self._old_handlers = {}
         self._t_start = self._line = None  # for progress lines: start time, (time, steps) of the last line
         self.step, self.k, self.stage_modules, self.pipeline = None, None, None, None
@@ -1172,7 +1195,9 @@ class Run:
 
     def before_step(self):
         if self.process_steps == WARMUP_STEPS:
-            self._sync()
+            sync(self.device)
+            if self.pipeline is not None:  # time from a full start: the later stages are still on the slow
+                dist.barrier()             # first steps (FLOP counting, cuDNN autotuning) otherwise
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             self._t0 = time.perf_counter()  # timed_images and timed_s go on from a resumed checkpoint
@@ -1262,14 +1287,25 @@ class Run:
     def _stop_requested(self, now=False):
         """Whether to stop after this step. A plain flag on one process; under torchrun every rank
         must stop at the same step (a rank that went on would wait in the next all-reduce), so the
-        ranks sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`)."""
+        ranks sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`). Within
+        an epoch the sum is started without waiting and read STOP_CHECK_STEPS steps later, so that
+        no rank waits for the others there (pipeline stages run a few batches apart)."""
         if self.world == 1:
             return self.signal is not None
         if not now and self.steps % STOP_CHECK_STEPS:
             return False
+        stop = False
+        if self._stop_vote is not None:
+            work, votes = self._stop_vote
+            work.wait()
+            stop = votes.item() > 0
         flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        if now:
+            dist.all_reduce(flag)
+            self._stop_vote = None
+            return stop or flag.item() > 0
+        self._stop_vote = (dist.all_reduce(flag, async_op=True), flag)
+        return stop
 
     def _exit_on_signal(self):
         sig = signal.Signals(self.signal or signal.SIGTERM)  # this rank's, or the one another rank received
@@ -1376,15 +1412,11 @@ class Run:
             dist.all_reduce(tensor)
         return tensor
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def pause_clock(self):
         """End of an epoch's training: stop timing, read the CUDA peak of the training steps."""
         if self.pipeline is not None:
             self.pipeline.flush()  # the epoch ends when the next stage has this stage's last output
-        self._sync()
+        sync(self.device)
         if self._t0 is not None:
             self.timed_s += time.perf_counter() - self._t0
             self._t0 = None
@@ -1396,7 +1428,7 @@ class Run:
 
     def resume_clock(self):
         if self.process_steps >= WARMUP_STEPS:
-            self._sync()
+            sync(self.device)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)  # evaluation is not training memory
             self._t0 = time.perf_counter()

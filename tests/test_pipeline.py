@@ -131,5 +131,5 @@ def test_bench_compares_one_process_with_pipelined_stages():
     rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "--pipeline", "2", "--steps", "3", "--device", "cpu"])
     (row,) = rows
     assert "error" not in row and row["sequential"] > 0 and row["pipelined"] > 0
-    assert [s["modules"] for s in row["stages"]] == [[0, 1], [2, 3]]
+    assert sum((s["modules"] for s in row["stages"]), []) == [0, 1, 2, 3]  # cut by measured time
     assert "| dgl | resnet32 | 4 | cifar10 | 16 |" in bench.pipeline_table(rows, 2)
