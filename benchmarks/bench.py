@@ -117,7 +117,7 @@ def run_pipeline_case(case, procs, steps, device, extra, workdir):
 
 def pipeline_table(rows, procs):
     lines = [f"| method | arch | K | data | batch | images/s, 1 process | images/s, {procs} stages | speed-up | "
-             "stages: modules (share of step time / of FLOPs, activation MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "stages: modules (share of step time / of FLOPs, activation MiB) |", "|---" * 9 + "|"]
     for r in rows:
         head = f"| {r['method']} | {r['arch']} | {r['k']} | {r['dataset']} | {r['batch']} |"
         if "error" in r:
