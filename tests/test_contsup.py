@@ -118,7 +118,7 @@ def test_each_loss_trains_its_module_and_the_encoders_feeding_it(mode):
     for k, layers in enumerate(modules):
         out = net.run(layers, inputs[-1])
         last = k == len(modules) - 1
-        loss = F.cross_entropy(net.head(out), y) if last else aux["local"][k](out, x, y)
+        loss = F.cross_entropy(net.head(out), y) if last else aux["local"][k](out, x, y)[0]
         own = module_params(net, layers) + list((net.head if last else aux["local"][k]).parameters())
         own += list(nodes[k - 1].parameters()) if k else []
         for p, g in zip(own, torch.autograd.grad(loss, own)):
