@@ -37,6 +37,9 @@ import common
 # ================================= METHOD: BP =====================================================
 
 
+NO_PIPELINE = "end-to-end training is one module"  # --pipeline is refused with this reason
+
+
 def method_args(parser):
     parser.add_argument("--grad-checkpoint", type=int, default=0, metavar="N",
                         help="recompute activations in N segments during backward (0: off)")
@@ -95,7 +98,7 @@ def local_step(net, modules, aux, args, i, h, x, y):
 
 def main(argv=None):
     args = common.parse_args(argv, __doc__, "bp", k=1, epochs=160, add_method_args=method_args,
-                             no_pipeline="end-to-end training is one module")
+                             no_pipeline=NO_PIPELINE)
     run = common.Run(args)
     data = common.load_data(args, run.device)
     net = common.build_backbone(args, data, run.device)

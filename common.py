@@ -595,8 +595,8 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="where datasets are read from / downloaded to")
     p.add_argument("--arch", default="resnet32", help=f"one of {', '.join(ARCHS)}")
-    p.add_argument("--k", type=int, default=None, help=f"number of gradient-isolated modules, the last included; "
-                   f"default {k}" + (" (ImageNet: per network)" if k_by_arch else ""))
+    p.add_argument("--k", type=int, default=None, help=f"number of gradient-isolated modules, the last included "
+                   f"(default: {k})" + ("; imagenet: one module per layer of the network" if k_by_arch else ""))
     p.add_argument("--split", default="official", help="official | even | balanced (InfoPro*)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {epochs} (the paper's); synthetic "
                    f"{specs['synthetic'].epochs}, imagenet {specs['imagenet'].epochs}")

@@ -94,6 +94,9 @@ import os
 import torch
 
 BASES = {"plain": 2, "dgl": 3, "infopro": 3}  # base -> modules per cascaded window (official files)
+# --pipeline is refused with this reason:
+NO_PIPELINE = ("its windows span several modules and its leap paths hold EMA copies of deeper blocks, so "
+               "stages would exchange gradients and weights")
 W_OWN, W_CASCADE = 0.001, 0.999  # independent / cascaded loss weights (hard-coded in the official code)
 FEATURE_DIM = 128                # auxDGL conv width, InfoPro's SupCon embedding and hidden FC width
 TEMPERATURE = 0.07               # SupCon temperature (= base temperature)
@@ -406,8 +409,7 @@ def local_step(net, modules, aux, args, i, u, x, y):
 def main(argv=None):
     args = common.parse_args(argv, __doc__, "mlaan", k=16, epochs=400, add_method_args=method_args,
                              imagenet=dict(epochs=150, batch_size=128, lr=0.05),
-                             no_pipeline="its windows span several modules and its leap paths hold EMA "
-                             "copies of deeper blocks, so stages would exchange gradients and weights")
+                             no_pipeline=NO_PIPELINE)
     run = common.Run(args)
     data = common.load_data(args, run.device)
     net = common.build_backbone(args, data, run.device)

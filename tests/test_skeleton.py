@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = [s for s in ("bp", "infopro", "auglocal", "contsup", "mlaan") if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
-ALLOWED = [r"^\s+args = common\.parse_args\(", r"^\s+imagenet=dict\(", r"^import |^from "]
+ALLOWED = [r"^\s+args = common\.parse_args\(", r"^\s+imagenet=dict\(", r"^\s+no_pipeline=NO_PIPELINE\)$",
+           r"^import |^from "]
 ALLOWED_FOR = {"contsup": [r"context", r"model = nn\.ModuleDict\(", r"common\.evaluate\("]}  # its encoders infer too
 
 

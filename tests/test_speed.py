@@ -1,4 +1,5 @@
 """--bf16, --channels-last, --compile, --no-augment, --fake-data and the benchmark script."""
+import functools
 import os
 import sys
 
@@ -56,7 +57,8 @@ def test_compile_wraps_every_piece_without_changing_state_keys(tmp_path):
     run = common.Run(args)
     model = torch.nn.ModuleDict({"net": net, "aux": aux})
     keys = set(model.state_dict())
-    run.start(model, common.make_optimizer(args, model), data)
+    step = functools.partial(dgl.local_step, net, modules, aux, args)
+    run.start(model, common.make_optimizer(args, model), data, modules, step)
     pieces = [*net.layers, net.head, *aux.children()]
     assert all(p._compiled_call_impl is not None for p in pieces)
     assert set(model.state_dict()) == keys  # checkpoints stay loadable without --compile
