@@ -1,4 +1,4 @@
-"""auglocal.py: the official aux-net construction (specs/auglocal_dgl.md §2), the K - d merge and
+"""auglocal.py: the official aux-net construction (as in the official AugLocal code), the K - d merge and
 its generalisation to modules of several layers, gradient isolation and learning."""
 from types import SimpleNamespace
 

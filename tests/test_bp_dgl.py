@@ -24,7 +24,7 @@ def batch(data, n=32):
 
 
 def test_mlp_sr_head_parameter_counts():
-    # The official counts (specs/auglocal_dgl.md) minus the unused BatchNorm2d(C) (2C parameters).
+    # The official counts (the official DGL code's mlp-sr head) minus the unused BatchNorm2d(C) (2C parameters).
     for channels, size, official in ((16, 32, 14_410), (32, 16, 54_922), (64, 8, 214_282)):
         head = dgl.MlpSrHead(channels, size, 10)
         assert common.count_params(head) == official - 2 * channels

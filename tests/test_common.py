@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT
 
-# Blocks per module in the official InfoPro tables (specs/infopro.md, stem in module 1).
+# Blocks per module in the official InfoPro tables (networks/configs.py, stem in module 1).
 OFFICIAL_BLOCKS = {
     ("resnet32", 2): [7, 8], ("resnet32", 3): [5, 5, 5], ("resnet32", 4): [3, 4, 4, 4],
     ("resnet32", 8): [1, 2, 2, 2, 2, 2, 2, 2], ("resnet32", 16): [0] + [1] * 15,

@@ -25,7 +25,7 @@ def batch(data, n=16):
     return data.normalize(data.train_x[:n]), data.train_y[:n]
 
 
-# Context parameters the official model actually uses (specs/contsup.md §1.4), ResNet-32 at K=4 / 16.
+# Context parameters the official model actually uses (the official ContSup code), ResNet-32 at K=4 / 16.
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,k4,k16", [("R0", 0, 0), ("E", 13_512, 62_232), ("R1", 2_944, 21_808),
                                          ("R1E", 16_360, 83_944), ("R2", 4_352, 40_752)])
@@ -176,7 +176,7 @@ def test_inference_uses_the_context():
 
 @pytest.mark.slow
 def test_compute_of_the_inference_network():
-    """Multiply-adds per image (conv and linear), as counted on the official model (specs/contsup.md
+    """Multiply-adds per image (conv and linear), as counted on the official model (the official ContSup code
     §1.8): the full-resolution E encoders nearly double ResNet-32 at K=16."""
     def macs(mode):
         args, data, net, modules, aux = build(16, "--context", mode)

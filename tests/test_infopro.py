@@ -16,7 +16,7 @@ def batch(data, n=16):
     return data.normalize(data.train_x[:n]), data.train_y[:n]
 
 
-# Expected sizes, by hand from the layer lists of specs/infopro.md §1.3 (conv weights + biases, BN 2 per channel).
+# Expected sizes, by hand from the layer lists of the official InfoPro code (conv weights + biases, BN 2 per channel).
 def decoder_params(c):
     return (c * 12 * 9 + 12) + 2 * 12 + (12 * 3 * 9 + 3)
 
@@ -42,7 +42,7 @@ def test_decoder_and_head_parameter_counts():
 
 
 def test_imagenet_decoder_and_head():
-    """specs/infopro.md §1.7, on the 512 x 28 x 28 cut of ResNet-101 at 224 px."""
+    """InfoPro's ImageNet aux nets (the official code), on the 512 x 28 x 28 cut of ResNet-101 at 224 px."""
     decoder, head = infopro.ImageNetDecoder(512, 224), infopro.ImageNetHead(512, 1000)
     assert common.count_params(decoder) == ((512 * 128 + 128) + 256 + (128 * 32 * 9 + 32) + 64
                                             + (32 * 12 * 9 + 12) + 24 + (12 * 3 * 9 + 3))

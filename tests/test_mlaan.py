@@ -22,7 +22,7 @@ def blocks(spec, n):
     return [1 + (int(s) - 1) * n + int(b) for s, b in (blk.split(".") for blk in spec.split())]
 
 
-# The official leap tables as the spec lists them (specs/mlaan.md §1.4), by the code's module index i.
+# The official leap tables (the official MLAAN code, configAuxPlus_new.py), by the code's module index i.
 SPEC_TABLES = {
     ("resnet32", 15): {**dict.fromkeys([0, 1, 3], "2.0 3.0 3.2 3.4"), **dict.fromkeys([2, 4], "2.0 3.0 3.3 3.4"),
                        **dict.fromkeys(range(5, 10), "3.0 3.2 3.3 3.4"),
@@ -37,7 +37,7 @@ SPEC_TABLES = {
                         21: "3.0 3.3 3.4 3.17", **dict.fromkeys(range(22, 26), "3.8 3.17"),
                         26: "3.14 3.17", 27: "3.14 3.17", 28: "3.15 3.17", 29: "3.16 3.17", 30: "3.17"},
 }
-# ResNet-110 code K=32: the last block of each module (specs/mlaan.md §1.1); not one of the shared splits.
+# ResNet-110 code K=32: the last block of each module (the official MLAAN code); not one of the shared splits.
 R110_K32_ENDS = ([f"1.{b}" for b in (1, 2, 4, 5, 7, 9, 11, 13, 14, 16, 17)] + [f"2.{b}" for b in (1, 2, 4, 5, 7, 9, 11, 13, 14, 16, 17)]
                  + [f"3.{b}" for b in (1, 3, 4, 6, 7, 9, 11, 13, 15, 17)])
 
@@ -106,7 +106,7 @@ def test_every_leap_path_fits_its_module(arch):
 
 
 def reference_gradients(net, modules, aux, base, x, y, imagenet=False):
-    """Every trainable parameter's gradient as specs/mlaan.md §1.3/§1.5/§1.6 defines it, one loss at a
+    """Every trainable parameter's gradient as the official MLAAN code defines it, one loss at a
     time from the detached activations: window i = modules i-c+1..i + leap path, weight 0.999; the
     independent loss on module i alone, weight 0.001; the final CE on modules K-c..K-1, weight 1
     (ImageNet: 0.999, plus 0.001 * CE of module K-1 alone)."""
@@ -173,7 +173,7 @@ def test_imagenet_gradients_are_those_of_the_official_imagenet_model(base):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
-IMAGENET_TABLES = {  # specs/mlaan.md §1.4, by the code's module index i (one block per module)
+IMAGENET_TABLES = {  # the official MLAAN code, by the code's module index i (one block per module)
     ("resnet34", 16): ["2.0 2.1 3.0 4.0 4.2"] * 3 + ["2.1 3.0 4.0 4.2"] * 4 + ["3.1 4.0 4.1"] * 6
                       + ["4.1 4.1 4.2", "4.1 4.2"],
     ("resnet101", 33): ["2.0 3.0 4.0 4.2"] * 3 + ["3.0 4.0 4.1"] * 4 + ["4.0 4.1"] * 23 + ["4.1 4.2"] * 2,
