@@ -969,9 +969,7 @@ class Pipeline:
     def report(self, act_mem_bytes):
         """Per stage: its modules, its share of the step time and of the training FLOPs and its
         activation memory."""
-        mem = torch.tensor([float(act_mem_bytes or 0)], device=self.device)
-        gathered = [torch.empty_like(mem) for _ in self.stages]
-        dist.all_gather(gathered, mem)
+        gathered = self.run._gather(torch.tensor([float(act_mem_bytes or 0)]))
         return [{"modules": list(stage), "time_share": round(busy, 4), "flops_share": round(flops, 4),
                  "act_mem_bytes": int(m.item())}
                 for stage, busy, flops, m in zip(self.stages, self.time_share, self.flops_share, gathered)]
