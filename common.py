@@ -5,6 +5,7 @@ Everything a method script needs that is not the method itself lives here, so th
 `diff dgl.py auglocal.py` shows the method and nothing else. Import-only: no side effects.
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import copy
@@ -12,6 +13,7 @@ import dataclasses
 import glob
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import signal
@@ -458,6 +460,17 @@ def _worker_init(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit():
+    """At exit multiprocessing ends its daemonic children (the DataLoader workers of a loader that is
+    still alive, e.g. held by an error's traceback) with SIGTERM and waits for them; ours ignore
+    SIGTERM, so it would wait forever. Registered after multiprocessing's exit handler, this runs first."""
+    if hasattr(signal, "SIGCHLD"):  # torch's handler would report the killed worker as a failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def load_image(path):
     from torchvision.datasets.folder import default_loader
     try:
@@ -488,6 +501,8 @@ class ImageFolderData:
         self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.device, self.workers, self.resident_bytes = device, args.workers, 0
+        if self.workers:
+            atexit.register(_kill_workers_at_exit)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     @staticmethod

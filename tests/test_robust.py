@@ -278,6 +278,21 @@ def test_corrupt_jpeg_stops_with_its_path(tmp_path, workers):
     one_line_error(e, f"cannot read the image {bad}", "replace or delete the file")
 
 
+@pytest.mark.slow
+def test_script_with_loader_workers_exits_after_an_error(tmp_path):
+    """DataLoader workers ignore SIGTERM (a scheduler's is for the main process); the loader an error
+    leaves behind must not keep the script from exiting (multiprocessing ends workers with SIGTERM)."""
+    image_folder(tmp_path, {"n01": 3, "n02": 3})
+    bad = tmp_path / "train" / "n02" / "1.JPEG"
+    bad.write_bytes(b"not a jpeg at all")
+    cmd = [sys.executable, "dgl.py", "--dataset", "imagenet", "--data-dir", str(tmp_path), "--arch", "resnet18",
+           "--image-size", "32", "--batch-size", "4", "--k", "2", "--epochs", "1", "--workers", "2",
+           "--device", "cpu", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # hung forever before
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot read the image {bad}"), proc.stderr
+
+
 # ---- 4. a non-finite model is never checkpointed ---------------------------------------------------
 
 @pytest.mark.slow
