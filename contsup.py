@@ -53,7 +53,6 @@ Differences from the official code (Tab-ct/ContSup):
   ResNet-32 are not ContSup's table.
 """
 import functools
-import math
 
 import torch
 import torch.nn as nn

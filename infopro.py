@@ -40,7 +40,6 @@ Differences from the official code (blackfeather-wang/InfoPro-Pytorch):
   (README, Protocol), which is the official recipe.
 """
 import functools
-import math
 
 import torch.nn as nn
 import torch.nn.functional as F

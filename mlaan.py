@@ -80,7 +80,6 @@ Differences from the official code (Wendy231015/MLAAN):
   README's ResNet-101 example uses 64 per GPU.
 """
 import functools
-import math
 
 import torch.nn as nn
 import torch.nn.functional as F

@@ -56,6 +56,15 @@ def train_step(script, net, modules, aux, args, x, y):
     return importlib.import_module("common").train_step(step, len(modules), x, y)
 
 
+def saved_tensor_peak(modules, step):
+    """The peak bytes of activations saved for backward while `step()` runs (parameters of the
+    given nn.Modules not counted)."""
+    meter = importlib.import_module("common").SavedTensorMeter([p for m in modules for p in m.parameters()])
+    with meter.hooks():
+        step()
+    return meter.peak
+
+
 def module_params(net, layers):
     return [p for i in layers for p in net.layers[i].parameters()]
 

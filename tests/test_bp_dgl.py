@@ -12,7 +12,7 @@ import bp
 import common
 import dgl
 from conftest import (QUICK, ROOT, assert_greedy_gradients, build_method, checkpoint_state, module_params, read_json,
-                      read_jsonl, run_script, train_step)
+                      read_jsonl, run_script, saved_tensor_peak, train_step)
 
 
 def build(k, arch="resnet32", seed=0):
@@ -78,13 +78,8 @@ def test_per_module_backward_is_what_saves_memory():
         losses.append(F.cross_entropy(net.head(net.run(modules[-1], h)), y))
         sum(losses).backward()
 
-    peaks = {}
-    for name, step in (("local", lambda: train_step(dgl, net, modules, aux, args, x, y)), ("summed", lambda: summed(x, y))):
-        meter = common.SavedTensorMeter([*net.parameters(), *aux.parameters()])
-        with meter.hooks():
-            step()
-        peaks[name] = meter.peak
-    assert peaks["local"] < 0.6 * peaks["summed"]
+    local = saved_tensor_peak([net, aux], lambda: train_step(dgl, net, modules, aux, args, x, y))
+    assert local < 0.6 * saved_tensor_peak([net, aux], lambda: summed(x, y))
 
 
 @pytest.mark.slow

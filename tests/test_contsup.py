@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import contsup
-from conftest import QUICK, build_method, module_params, run_script, train_step
+from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, train_step
 
 
 @functools.cache
@@ -254,14 +254,8 @@ def test_memory_stays_local_with_context():
     """The context adds encoders but keeps the per-module backward: far below end to end."""
     args, data, net, modules, aux = build(4, "--context", "R1E")
     x, y = batch(data, 32)
-    peaks = {}
-    for name, step in (("contsup", lambda: train_step(contsup, net, modules, aux, args, x, y)),
-                       ("bp", lambda: F.cross_entropy(net(x), y).backward())):
-        meter = common.SavedTensorMeter([*net.parameters(), *aux.parameters()])
-        with meter.hooks():
-            step()
-        peaks[name] = meter.peak
-    assert peaks["contsup"] < 0.6 * peaks["bp"]
+    local = saved_tensor_peak([net, aux], lambda: train_step(contsup, net, modules, aux, args, x, y))
+    assert local < 0.6 * saved_tensor_peak([net, aux], lambda: F.cross_entropy(net(x), y).backward())
 
 
 @pytest.mark.slow

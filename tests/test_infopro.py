@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import common
 import infopro
-from conftest import QUICK, build_method, checkpoint_state, run_script, train_step
+from conftest import QUICK, build_method, checkpoint_state, run_script, saved_tensor_peak, train_step
 
 
 def build(k=4, arch="resnet32", *extra):
@@ -182,13 +182,8 @@ def test_per_module_backward_is_what_saves_memory():
         losses.append(F.cross_entropy(net.head(net.run(modules[-1], h)), y))
         sum(losses).backward()
 
-    peaks = {}
-    for name, step in (("local", lambda: train_step(infopro, net, modules, aux, args, x, y)), ("summed", summed)):
-        meter = common.SavedTensorMeter([*net.parameters(), *aux.parameters()])
-        with meter.hooks():
-            step()
-        peaks[name] = meter.peak
-    assert peaks["local"] < 0.6 * peaks["summed"]
+    local = saved_tensor_peak([net, aux], lambda: train_step(infopro, net, modules, aux, args, x, y))
+    assert local < 0.6 * saved_tensor_peak([net, aux], summed)
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
