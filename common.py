@@ -502,6 +502,7 @@ class ImageFolderData:
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.device, self.workers, self.resident_bytes = device, args.workers, 0
         if self.workers:
+            atexit.unregister(_kill_workers_at_exit)  # once, however many loaders a process builds
             atexit.register(_kill_workers_at_exit)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
