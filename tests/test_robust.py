@@ -252,6 +252,14 @@ def image_folder(root, classes):
                 Image.fromarray(np.full((40, 40, 3), 50 * i, dtype=np.uint8)).save(root / split / name / f"{i}.JPEG")
 
 
+def corrupt_jpeg_folder(root):
+    """An ImageFolder of 3 + 3 JPEGs, one of which is not an image; returns its path."""
+    image_folder(root, {"n01": 3, "n02": 3})
+    bad = root / "train" / "n02" / "1.JPEG"
+    bad.write_bytes(b"not a jpeg at all")
+    return bad
+
+
 def imagenet(root, *extra):
     args = ["--dataset", "imagenet", "--data-dir", str(root), "--arch", "resnet18", "--image-size", "32",
             "--batch-size", "4", "--device", "cpu", "--out", str(root / "out"), *extra]
@@ -269,9 +277,7 @@ def test_imagenet_class_folder_without_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_corrupt_jpeg_stops_with_its_path(tmp_path, workers):
-    image_folder(tmp_path, {"n01": 3, "n02": 3})
-    bad = tmp_path / "train" / "n02" / "1.JPEG"
-    bad.write_bytes(b"not a jpeg at all")
+    bad = corrupt_jpeg_folder(tmp_path)
     data = common.load_data(imagenet(tmp_path, "--workers", workers), torch.device("cpu"))
     with pytest.raises(SystemExit) as e:
         list(data.train_batches(1, 4, seed=0))
@@ -282,9 +288,7 @@ def test_corrupt_jpeg_stops_with_its_path(tmp_path, workers):
 def test_script_with_loader_workers_exits_after_an_error(tmp_path):
     """DataLoader workers ignore SIGTERM (a scheduler's is for the main process); the loader an error
     leaves behind must not keep the script from exiting (multiprocessing ends workers with SIGTERM)."""
-    image_folder(tmp_path, {"n01": 3, "n02": 3})
-    bad = tmp_path / "train" / "n02" / "1.JPEG"
-    bad.write_bytes(b"not a jpeg at all")
+    bad = corrupt_jpeg_folder(tmp_path)
     cmd = [sys.executable, "dgl.py", "--dataset", "imagenet", "--data-dir", str(tmp_path), "--arch", "resnet18",
            "--image-size", "32", "--batch-size", "4", "--k", "2", "--epochs", "1", "--workers", "2",
            "--device", "cpu", "--out", str(tmp_path / "out")]
