@@ -1,8 +1,21 @@
-"""Shared plumbing for the local-learning scripts: backbones split into modules, data on the device,
-the training protocol, memory measurement, outputs and multi-process (torchrun) training.
+"""Shared plumbing for the local-learning scripts: everything a method script needs that is not
+the method itself, so that `diff dgl.py auglocal.py` shows the method and nothing else.
+Import-only: no side effects.
 
-Everything a method script needs that is not the method itself lives here, so that
-`diff dgl.py auglocal.py` shows the method and nothing else. Import-only: no side effects.
+The parts, in the order they appear:
+  Backbones      the networks as a flat list of layers (stem, every block) plus the head
+  Splits         the layers cut into K gradient-isolated modules (the official tables)
+  Data           small datasets on the device, augmented per batch; ImageNet by DataLoader
+  Arguments      the shared command line, the schedule and the optimizer (the protocol)
+  Local step     a batch through the modules, each loss back-propagated at once; per-module statistics
+  Measurement    bytes saved for backward, CUDA peaks, FLOPs, images per second, wall time
+  Processes      one process, data-parallel replicas or pipeline stages, and their collectives
+  Pipeline       the modules cut into stages trained by one process each (--pipeline)
+  Run folder     args.json, metrics.jsonl, checkpoint.pt, summary.json: atomic writes, resume checks
+  Stop requests  SIGTERM / SIGINT: finish the step, checkpoint, every process stops at the same step
+  Progress       the start line and the progress lines
+  Run            the parts above put together, the training position, the epoch loop's hooks
+  Epoch          train_epoch and evaluate: the loop every script runs
 """
 import argparse
 import atexit
@@ -36,9 +49,7 @@ def die(message):
     raise SystemExit(f"error: {message}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Backbones: a flat list of layers (0 = stem, then every residual block) plus the head.
-# ----------------------------------------------------------------------------------------------
+# ---- Backbones: a flat list of layers (0 = stem, then every residual block) plus the head --------
 
 class BasicBlock(nn.Module):
     """CIFAR ResNet block: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. Projection shortcut
@@ -58,10 +69,6 @@ class BasicBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x), inplace=True)
-
-
-def cifar_stem(width=16):
-    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
 
 
 def init_weights(module):
@@ -104,7 +111,8 @@ ARCHS = (*CIFAR_DEPTHS, *IMAGENET_ARCHS)
 def cifar_resnet(arch, num_classes):
     """ResNet-32/110 of the official local-learning code: stages of n blocks at 16/32/64 channels."""
     n = CIFAR_DEPTHS[arch]
-    layers, in_ch = [cifar_stem(16)], 16
+    stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+    layers, in_ch = [stem], 16
     for stage, width in enumerate((16, 32, 64)):
         for b in range(n):
             layers.append(BasicBlock(in_ch, width, 2 if stage > 0 and b == 0 else 1))
@@ -157,9 +165,7 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ----------------------------------------------------------------------------------------------
-# Splitting the layers into K gradient-isolated modules.
-# ----------------------------------------------------------------------------------------------
+# ---- Splitting the layers into K gradient-isolated modules ---------------------------------------
 
 # Official InfoPro split tables (networks/configs.py), written as the global layer index after which
 # each cut falls (0 = stem, block b of stage s = 1 + (s-1)*n + b).
@@ -227,9 +233,7 @@ def make_modules(args, net, data):
                          [c * h * w for c, h, w in shapes])
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: small datasets live on the device as uint8 and are augmented per batch on the device.
-# ----------------------------------------------------------------------------------------------
+# ---- Data: small datasets live on the device as uint8 and are augmented per batch on the device ----
 
 CIFAR_MEAN, CIFAR_STD = (125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)
 HALF = (0.5, 0.5, 0.5)
@@ -302,11 +306,6 @@ def damaged_file(path):
             f"--data-dir to download them again")
 
 
-def _unpickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
-
-
 def _check_sizes(x, y):
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
@@ -315,8 +314,8 @@ def _check_sizes(x, y):
 
 def _read_cifar(root, folder, train_files, test_files, label_key):
     def read_one(path):
-        with damaged_file(path):
-            b = _unpickle(path)
+        with damaged_file(path), open(path, "rb") as f:
+            b = pickle.load(f, encoding="latin1")
             return _check_sizes(b["data"].reshape(-1, 3, 32, 32), np.asarray(b[label_key]))
 
     def read(files):
@@ -569,9 +568,7 @@ def load_data(args, device):
     return Data(args.dataset, train, test, device, args.channels_last, augment=not args.no_augment)
 
 
-# ----------------------------------------------------------------------------------------------
-# Arguments and the training protocol.
-# ----------------------------------------------------------------------------------------------
+# ---- Arguments and the training protocol ---------------------------------------------------------
 
 # Arguments that may change when a run is resumed; every other one must match the checkpoint's (args.json).
 # A pipelined and a sequential run train the same model, so either may resume the other.
@@ -653,7 +650,7 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
                    "process, instead of P data-parallel replicas (the same result as one process)")
     p.add_argument("--pipeline-cuts", type=int, nargs="+", default=None, metavar="M",
                    help="with --pipeline: the first module of every stage after the first (P-1 increasing "
-                   "indices); default: cuts that balance the training FLOPs of the stages")
+                   "indices); default: cuts that balance the stages' measured step times")
     p.add_argument("--module-acc", action="store_true",
                    help="also evaluate every module's auxiliary classifier on the test split each epoch (one "
                    "more pass of the local modules)")
@@ -710,57 +707,21 @@ def make_optimizer(args, model):
                            weight_decay=args.weight_decay)
 
 
-# ----------------------------------------------------------------------------------------------
-# Memory: bytes autograd holds for backward (any device) and CUDA peak allocation.
-# ----------------------------------------------------------------------------------------------
-
-class SavedTensorMeter:
-    """Peak bytes of the tensors autograd saves for backward, counted once per storage and
-    excluding parameters. It needs no GPU, and it is exactly what a per-module backward frees:
-    one backward on the summed losses keeps every module's tensors alive and shows here."""
-
-    def __init__(self, params):
-        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.live, self.bytes, self.peak = {}, 0, 0
-
-    def _pack(self, t):
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.param_storages or storage.nbytes() == 0:
-            return t
-        if key in self.live:
-            self.live[key][0] += 1
-        else:
-            self.live[key] = [1, storage.nbytes()]
-            self.bytes += storage.nbytes()
-            self.peak = max(self.peak, self.bytes)
-        return _Held(self, key, t)
-
-    def _release(self, key):
-        entry = self.live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.bytes -= entry[1]
-            del self.live[key]
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor if isinstance(h, _Held) else h)
+def compile_pieces(model):
+    """--compile: torch.compile per piece (every layer, the head, every auxiliary net), so that
+    every local backward still runs at once."""
+    torch._dynamo.config.recompile_limit = 64  # many blocks share one forward; train and eval
+    for piece in (*model["net"].layers, model["net"].head, *model["aux"].children(),
+                  *[m for name, m in model.items() if name not in ("net", "aux")]):
+        piece.compile()
 
 
-class _Held:
-    """A saved tensor; when autograd drops it (after backward) its bytes stop counting."""
-    __slots__ = ("meter", "key", "tensor")
-
-    def __init__(self, meter, key, tensor):
-        self.meter, self.key, self.tensor = meter, key, tensor
-
-    def __del__(self):
-        self.meter._release(self.key)
+def autocast(args, device):
+    """bfloat16 autocast with --bf16 (no grad scaler), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
-# ----------------------------------------------------------------------------------------------
-# The modules of a batch: one after another in one process, or as pipeline stages over processes.
-# ----------------------------------------------------------------------------------------------
+# ---- The local step: the modules of a batch one after another, and their statistics --------------
 
 def run_modules(step, ids, h, x, y, backward=True):
     """The method's local step of modules `ids` in order, from h (the input of the first):
@@ -829,14 +790,261 @@ class ModuleMeter:
     def mean_loss(self, i):
         return (self.loss[i] / max(self.seen[i, 0], 1)).item()
 
-    def result(self, run):
-        """Summed over the ranks (data-parallel shards or pipeline stages)."""
-        loss, right, with_loss, with_logits = run.all_sum(self.state()).tolist()
+    def result(self, procs):
+        """Summed over the processes (data-parallel shards or pipeline stages)."""
+        loss, right, with_loss, with_logits = procs.all_sum(self.state()).tolist()
         module_loss = [l / n if n else None for l, n in zip(loss, with_loss)]
         module_acc = [r / n if n else None for r, n in zip(right, with_logits)]
         return {"train_loss": module_loss[-1], "train_acc": module_acc[-1],
                 "module_loss": module_loss, "module_acc": module_acc}
 
+
+# ---- Measurement: memory held for backward (any device), CUDA peaks, FLOPs, throughput, wall time ----
+
+WARMUP_STEPS = 2  # steps before CUDA peak memory and throughput are measured (cuDNN autotuning)
+
+
+class SavedTensorMeter:
+    """Peak bytes of the tensors autograd saves for backward, counted once per storage and
+    excluding parameters. It needs no GPU, and it is exactly what a per-module backward frees:
+    one backward on the summed losses keeps every module's tensors alive and shows here."""
+
+    def __init__(self, params):
+        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self.live, self.bytes, self.peak = {}, 0, 0
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.param_storages or storage.nbytes() == 0:
+            return t
+        if key in self.live:
+            self.live[key][0] += 1
+        else:
+            self.live[key] = [1, storage.nbytes()]
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+        return _Held(self, key, t)
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.bytes -= entry[1]
+            del self.live[key]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor if isinstance(h, _Held) else h)
+
+
+class _Held:
+    """A saved tensor; when autograd drops it (after backward) its bytes stop counting."""
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter, key, tensor):
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Measurements:
+    """What a process measures of its own training: the bytes saved for backward and the FLOPs
+    (forward and every backward) of its first step, counted there only so that neither slows a
+    timed step; the FLOPs of its first inference batch; from WARMUP_STEPS on, with evaluation
+    left out, the CUDA peak of the training steps and the images per second; and the wall time
+    of the run across resumes. FIELDS travel in checkpoints, so that summary.json keeps them."""
+    FIELDS = ("act_mem_bytes", "peak_mem_bytes", "peak_reserved_bytes", "timed_images", "timed_s",
+              "train_flops_per_image", "inference_flops_per_image")
+
+    def __init__(self, device, replicas):
+        self.device, self.replicas = device, replicas
+        self.act_mem_bytes = self.peak_mem_bytes = self.peak_reserved_bytes = None
+        self.train_flops_per_image = self.inference_flops_per_image = None
+        self.timed_images, self.timed_s = 0, 0.0  # go on from a resumed checkpoint
+        self.process_steps = 0       # steps this process took (from 0 again after a resume)
+        self.mem_base = 0            # the dataset resident on the GPU, not training memory
+        self.saved_tensors = None    # the SavedTensorMeter of the first step
+        self._flops = None           # the FlopCounterMode of the first step while it runs
+        self._t0 = None              # start of the timed stretch under way
+        self.clock_start, self.elapsed_before = time.perf_counter(), 0.0
+
+    def watch(self, params, resident_bytes):
+        """Count saved tensors other than these parameters; on CUDA, leave the dataset out."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.mem_base = resident_bytes
+        self.saved_tensors = SavedTensorMeter(params)
+
+    def state(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def load(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def first_step(self):
+        """Count the saved bytes and the FLOPs of the step under way if it is this process's first."""
+        if self.process_steps != 0:
+            return contextlib.nullcontext()
+        self._flops = FlopCounterMode(display=False)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.saved_tensors.hooks())
+        stack.enter_context(self._flops)
+        return stack
+
+    @contextlib.contextmanager
+    def inference_flops(self, images):
+        """Count the FLOPs of the first inference forward of this process (one evaluation batch)."""
+        if self.inference_flops_per_image is not None:
+            yield
+            return
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.inference_flops_per_image = counter.get_total_flops() / images
+
+    def before_step(self, all_processes):
+        """Start the clock after the warm-up steps: with `all_processes` at a barrier, so that every
+        pipeline stage times from a full start (the later stages are still on the slow first steps,
+        FLOP counting and cuDNN autotuning, otherwise)."""
+        if self.process_steps == WARMUP_STEPS:
+            sync(self.device)
+            if all_processes:
+                dist.barrier()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self._t0 = time.perf_counter()
+
+    def after_step(self, batch):
+        if self.process_steps == 0:
+            self.act_mem_bytes = self.saved_tensors.peak  # per process, like CUDA memory
+            self.train_flops_per_image = self._flops.get_total_flops() / batch
+            self._flops = None
+        self.process_steps += 1
+        if self._t0 is not None:
+            self.timed_images += batch * self.replicas
+
+    def pause(self):
+        """Stop timing (an epoch's training ends, a checkpoint is written) and read the CUDA peak."""
+        sync(self.device)
+        if self._t0 is not None:
+            self.timed_s += time.perf_counter() - self._t0
+            self._t0 = None
+            if self.device.type == "cuda":
+                allocated = torch.cuda.max_memory_allocated(self.device) - self.mem_base
+                reserved = torch.cuda.max_memory_reserved(self.device)
+                self.peak_mem_bytes = max(self.peak_mem_bytes or 0, allocated)
+                self.peak_reserved_bytes = max(self.peak_reserved_bytes or 0, reserved)
+
+    def resume(self):
+        if self.process_steps >= WARMUP_STEPS:
+            sync(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)  # evaluation is not training memory
+            self._t0 = time.perf_counter()
+
+    def images_per_s(self):
+        return self.timed_images / self.timed_s if self.timed_s > 0 else None
+
+    def elapsed_s(self):
+        """Wall time of the run so far, the segments before a resume included."""
+        return self.elapsed_before + time.perf_counter() - self.clock_start
+
+
+# ---- Processes: one, data-parallel replicas or pipeline stages (torchrun), and their collectives ----
+
+class Processes:
+    """This process's place in the run and the collectives between the processes. Without
+    torchrun: one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK): data-parallel replicas,
+    each on its shard of every global batch, or with --pipeline one stage per process, every stage
+    on the whole batch. The device is resolved here and written back to args.device, so that
+    args.json and the checkpoint say what was used."""
+
+    def __init__(self, args):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if args.device is None:
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = args.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device {device} but no CUDA device is visible; use --device cpu")
+        if device == "cuda" and self.world > 1:
+            device = f"cuda:{local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        if args.pipeline and self.world < 2:
+            die("--pipeline trains one stage per process: launch the script with torchrun --nproc_per_node=P "
+                "(P >= 2 stages)")
+        self.replicas = 1 if args.pipeline else self.world  # processes that split every batch
+        self.data_rank = 0 if args.pipeline else self.rank  # this process's shard of it
+        if args.batch_size % self.replicas:
+            die(f"--batch-size {args.batch_size} does not split over {self.world} processes; use a multiple")
+        if args.batch_size < 2 * self.replicas:
+            die(f"--batch-size {args.batch_size} leaves fewer than 2 images per process (BatchNorm needs 2+); "
+                f"use at least {2 * self.replicas}")
+
+    def all_sum(self, tensor):
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, tensor):
+        """Every process's copy of a small tensor, on the CPU."""
+        if self.world == 1:
+            return [tensor.cpu()]
+        tensor = tensor.to(self.device)
+        gathered = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(gathered, tensor)
+        return [t.cpu() for t in gathered]
+
+    def average_gradients(self, params):
+        """All-reduce every gradient (one flat buffer) after the local backwards: data parallelism
+        over all modules at once, with no DDP wrapper to tangle with the per-module backwards."""
+        if self.replicas == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.replicas
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+
+    def average_buffers(self, model):
+        """The replicas' BatchNorm running statistics averaged, so that every replica holds one model."""
+        if self.replicas == 1:
+            return
+        for b in model.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b /= self.replicas
+
+    def divergence(self, model):
+        """Largest difference between any process's parameters and buffers and rank 0's (0.0 when
+        the training kept every process's model identical, as it must)."""
+        flat = torch.cat([t.detach().float().reshape(-1) for t in (*model.parameters(), *model.buffers())])
+        gathered = self.gather(flat)
+        return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+    def close(self):
+        """All processes leave together: a rank that tore its connections down while another still
+        worked (rank 0 writing the summary) sometimes aborted a gloo process at exit (about 1 in 20
+        3-stage pipeline runs on a loaded CPU; none in 42 with the barrier)."""
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+# ---- Pipeline stages: the K modules cut into P contiguous stages, one per process ----------------
 
 def probe_modules(model, data, step, k, args, device):
     """Training steps of every module on random images, leaving the model as it was. On two images:
@@ -880,11 +1088,6 @@ def probe_modules(model, data, step, k, args, device):
     return flops, seconds, param_owner, buffer_owner, outputs
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def balanced_cuts(costs, parts):
     """The first index of every part but the first, cutting `costs` into `parts` contiguous
     non-empty runs whose largest total is as small as possible (exact, by dynamic programming)."""
@@ -895,6 +1098,27 @@ def balanced_cuts(costs, parts):
                               for start in best[p - 1] if start < end)
                      for end in range(p, n - (parts - p) + 1)})
     return best[parts][n][1][1:]
+
+
+class OneStage:
+    """Every module trained by this process (no --pipeline): the batch is the first module's input,
+    nothing is sent on, and at an epoch end data-parallel replicas average their BatchNorm running
+    statistics, so that every replica holds the same model."""
+
+    def __init__(self, procs, args, model, data, modules, step):
+        self.procs, self.own = procs, range(len(modules))
+
+    def receive(self, x, batch):
+        return x
+
+    def send(self, h):
+        pass
+
+    def flush(self):
+        pass
+
+    def sync(self, model, opt):
+        self.procs.average_buffers(model)
 
 
 class Pipeline:
@@ -909,20 +1133,21 @@ class Pipeline:
     for evaluation and checkpoints (the same as a sequential run's)."""
     DEPTH = 2
 
-    def __init__(self, run, model, data, modules, step):
-        k, parts, args = len(modules), run.world, run.args
+    def __init__(self, procs, args, model, data, modules, step):
+        k, parts = len(modules), procs.world
         if parts > k:
             die(f"--pipeline over {parts} processes needs at least {parts} modules, and this run has {k}; use "
                 f"fewer processes (--nproc_per_node) or a larger --k")
-        flops, seconds, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args, run.device)
-        seconds = run.all_sum(torch.tensor(seconds, dtype=torch.float64, device=run.device)).tolist()  # all agree
+        flops, seconds, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args,
+                                                                                procs.device)
+        seconds = procs.all_sum(torch.tensor(seconds, dtype=torch.float64, device=procs.device)).tolist()  # all agree
         cuts = args.pipeline_cuts or balanced_cuts(seconds, parts)
         if len(cuts) != parts - 1 or list(cuts) != sorted(set(cuts)) or not 0 < cuts[0] <= cuts[-1] < k:
             die(f"--pipeline-cuts needs {parts - 1} increasing module indices from 1 to {k - 1} (the first module "
                 f"of every stage after the first), got {' '.join(map(str, cuts))}")
         bounds = [0, *cuts, k]
         self.stages = [range(a, b) for a, b in zip(bounds, bounds[1:])]
-        self.stage, self.last, self.device, self.run = run.rank, parts - 1, run.device, run
+        self.stage, self.last, self.device, self.procs = procs.rank, parts - 1, procs.device, procs
         self.own = self.stages[self.stage]
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.momentum = args.momentum > 0
@@ -933,7 +1158,7 @@ class Pipeline:
         share = lambda costs: [sum(costs[i] for i in stage) / max(sum(costs), 1e-12) for stage in self.stages]
         self.time_share, self.flops_share = share(seconds), share(flops)
         self.pending = collections.deque()
-        if run.main:
+        if procs.main:
             described = [f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
                          f"{modules[st.stop - 1][-1]}), {busy:.0%} of the step time, {flops:.0%} of the FLOPs"
                          for s, (st, busy, flops) in enumerate(zip(self.stages, self.time_share, self.flops_share))]
@@ -965,7 +1190,7 @@ class Pipeline:
         while self.pending:
             self._wait_oldest()
 
-    def sync(self, opt):
+    def sync(self, model, opt):
         """Every stage's parameters, buffers and momentum buffers to every process."""
         self.flush()
         for s in range(len(self.stages)):
@@ -985,96 +1210,62 @@ class Pipeline:
     def report(self, act_mem_bytes):
         """Per stage: its modules, its share of the step time and of the training FLOPs and its
         activation memory."""
-        gathered = self.run._gather(torch.tensor([float(act_mem_bytes or 0)]))
+        gathered = self.procs.gather(torch.tensor([float(act_mem_bytes or 0)]))
         return [{"modules": list(stage), "time_share": round(busy, 4), "flops_share": round(flops, 4),
                  "act_mem_bytes": int(m.item())}
                 for stage, busy, flops, m in zip(self.stages, self.time_share, self.flops_share, gathered)]
 
 
-# ----------------------------------------------------------------------------------------------
-# A run: device and torchrun setup, outputs, checkpoints, metrics and the summary.
-# ----------------------------------------------------------------------------------------------
+# ---- The run folder: args.json, metrics.jsonl, checkpoint.pt and summary.json, written atomically ----
 
-WARMUP_STEPS = 2  # steps before CUDA peak memory and throughput are measured (cuDNN autotuning)
-PROGRESS_STEPS, PROGRESS_S = 500, 60.0  # a progress line after this many steps or seconds, whichever first
-STOP_CHECK_STEPS = 10  # under torchrun the ranks agree on a SIGTERM / SIGINT every this many steps
+class RunFolder:
+    """The run's folder (--out) and its files, written by the main process only. A folder holds
+    one run once it has a checkpoint: a fresh start refuses it, a resume must have the same
+    arguments; a run that stopped before its first checkpoint (bad data or arguments, a crash or
+    kill in epoch 1) leaves nothing that blocks a new start."""
 
-
-class Run:
-    def __init__(self, args):
-        self.args = args
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if args.device is None:  # resolved here, so that args.json and the checkpoint say what was used
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = args.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            die(f"--device {device} but no CUDA device is visible; use --device cpu")
-        if device == "cuda" and self.world > 1:
-            device = f"cuda:{local_rank}"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = True
-        if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
-        if args.pipeline and self.world < 2:
-            die("--pipeline trains one stage per process: launch the script with torchrun --nproc_per_node=P "
-                "(P >= 2 stages)")
-        # Data parallelism splits every batch over the processes; pipeline stages all see the whole batch.
-        self.replicas = 1 if args.pipeline else self.world
-        self.data_rank = 0 if args.pipeline else self.rank
-        if args.batch_size % self.replicas:
-            die(f"--batch-size {args.batch_size} does not split over {self.world} processes; use a multiple")
-        if args.batch_size < 2 * self.replicas:
-            die(f"--batch-size {args.batch_size} leaves fewer than 2 images per process (BatchNorm needs 2+); "
-                f"use at least {2 * self.replicas}")
-        self.ckpt_path = os.path.join(args.out, "checkpoint.pt")
-        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
-        self.args_path = os.path.join(args.out, "args.json")
-        self.start_epoch, self.steps, self.best_acc, self.acc = 1, 0, 0.0, None
-        self.interrupted = False  # --steps stopped an epoch before its end
-        self.act_meter = None
-        self.act_mem_bytes = None
-        self._flops = None  # the FlopCounterMode of the first training step while it runs
-        self.train_flops_per_image = self.inference_flops_per_image = None
-        self.process_steps, self.timed_images, self.timed_s, self._t0 = 0, 0, 0.0, None
-        self.peak_mem_bytes = self.peak_reserved_bytes = None
-        self.mem_base = 0
-        self.data, self.steps_per_epoch = None, 0
-        self.partial = None     # where a mid-epoch checkpoint stopped (the epoch to resume there)
-        self.batch = 0          # batches done in the running epoch
-        self.saved = None       # the last good checkpoint, in words
-        self.signal = None      # the SIGTERM / SIGINT received, acted on after the current step
-        self._stop_vote = None  # the ranks' sum of their signal flags, under way (torchrun)
-        self._old_handlers = {}
-        self._t_start = self._line = None  # for progress lines: start time, (time, steps) of the last line
-        self.step, self.k, self.stage_modules, self.pipeline = None, None, None, None
-        self.clock_start, self.elapsed_before = time.perf_counter(), 0.0  # wall time, across resumes
-        self._prepare_out()
-
-    def _prepare_out(self):
-        """A folder holds a run once it has a checkpoint: a run that stopped before its first one
-        (bad data or arguments, a crash or kill in epoch 1) leaves nothing that blocks a new start."""
-        args = self.args
+    def __init__(self, args, procs):
+        self.args, self.main = args, procs.main
+        self.checkpoint = os.path.join(args.out, "checkpoint.pt")
+        self.metrics = os.path.join(args.out, "metrics.jsonl")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             die(f"--out {args.out} is a file, not a folder; choose another --out")
-        if args.resume and not os.path.exists(self.ckpt_path):
-            die(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
-        if not args.resume and os.path.exists(self.ckpt_path):
+        if args.resume and not os.path.exists(self.checkpoint):
+            die(f"--resume: no checkpoint at {self.checkpoint}; start the run without --resume")
+        if not args.resume and os.path.exists(self.checkpoint):
             die(f"{args.out} already holds a run; pass --resume to continue it or --out to start another")
-        if self.world > 1:
-            dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+        if procs.world > 1:
+            dist.barrier()  # every process has checked the folder before the main one writes to it
         if self.main:
             with writing(args.out):
                 os.makedirs(args.out, exist_ok=True)
                 for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp[0-9]*")):
                     os.remove(tmp)  # left by a process killed while it was saving
             if not args.resume:  # clear what an attempt that died before its first checkpoint left
-                atomic_write_text(self.metrics_path, "")
+                atomic_write_text(self.metrics, "")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.out, "summary.json"))
+
+    def write_args(self):
+        """args.json: the arguments of a fresh start, as resolved (the model was built with them)."""
+        if self.main:
+            atomic_write_text(os.path.join(self.args.out, "args.json"), json.dumps(vars(self.args), indent=2) + "\n")
+
+    def load(self, model, opt, device):
+        """The checkpoint, checked against this run's arguments and loaded into model and opt."""
+        try:
+            ckpt = torch.load(self.checkpoint, map_location=device, weights_only=False)
+        except Exception as e:  # truncated, or not a checkpoint at all
+            die(f"--resume: cannot read {self.checkpoint} ({type(e).__name__}): the file is damaged; restore a "
+                f"copy, or delete it to start the run again")
+        self._check_same_run(ckpt["args"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            die(f"--resume: {self.checkpoint} does not fit this model ({str(e).splitlines()[0]}); it belongs to "
+                f"another run: choose another --out")
+        return ckpt
 
     def _check_same_run(self, before):
         """Refuse to resume with other arguments than the checkpoint's (as resolved: build_aux
@@ -1089,428 +1280,39 @@ class Run:
             die(f"--resume: the run in {self.args.out} has --{key.replace('_', '-')} {before.get(key)}, not "
                 f"{now[key]}; resume with the same arguments or choose another --out")
 
-    # -- model state ----------------------------------------------------------------------------
-    def start(self, model, opt, data, modules, step):
-        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1 (cut into pipeline
-        stages with --pipeline), resume from the checkpoint if asked (else record the arguments, as
-        the model was built with them), apply --channels-last and --compile, remember the resident
-        data for memory accounting, catch SIGTERM / SIGINT and print the start line. Returns the
-        epochs to train."""
-        args = self.args
-        self.data, self.steps_per_epoch = data, data.steps_per_epoch(args.batch_size, self.replicas)
-        if self.steps_per_epoch == 0:
-            die(f"--batch-size {args.batch_size} leaves no training step on {data.num_train} training images "
-                f"(a last batch under 2 images per process is dropped for BatchNorm); use a smaller "
-                f"--batch-size or more images (--subset)")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.mem_base = data.resident_bytes
-        self.step, self.k, self.stage_modules = step, len(modules), range(len(modules))
-        if self.args.pipeline:
-            self.pipeline = Pipeline(self, model, data, modules, step)
-            self.stage_modules = self.pipeline.own
-        self.act_meter = SavedTensorMeter(model.parameters())
-        if args.resume:
-            self._load(model, opt)
-        elif self.main:
-            atomic_write_text(self.args_path, json.dumps(vars(args), indent=2) + "\n")
-        self._catch_signals()
-        self._t_start = time.perf_counter()
-        self._line = (self._t_start, self.steps)
-        if self.main and not args.quiet:
-            print(f"{args.method}: {args.dataset} ({data.num_train:,} training images, {self.steps_per_epoch} "
-                  f"steps per epoch), {args.arch} in K={args.k} modules, {count_params(model):,} parameters, "
-                  f"epochs {self.start_epoch}-{args.epochs} on {self.world} x {self.device}, output in {args.out}",
-                  flush=True)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-        if self.args.compile:  # per piece, so that every local backward still runs at once
-            torch._dynamo.config.recompile_limit = 64  # many blocks share one forward; train and eval
-            for piece in (*model["net"].layers, model["net"].head, *model["aux"].children(),
-                          *[m for name, m in model.items() if name not in ("net", "aux")]):
-                piece.compile()
-        return range(self.start_epoch, args.epochs + 1)
+    def save(self, ckpt):
+        if self.main:
+            atomic_save(ckpt, self.checkpoint)
 
-    def _load(self, model, opt):
-        try:
-            ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-        except Exception as e:  # truncated, or not a checkpoint at all
-            die(f"--resume: cannot read {self.ckpt_path} ({type(e).__name__}): the file is damaged; restore a "
-                f"copy, or delete it to start the run again")
-        if "args" in ckpt:
-            self._check_same_run(ckpt["args"])
-        else:  # written before checkpoints carried their arguments
-            with open(self.args_path) as f:
-                self._check_same_run(json.load(f))
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            die(f"--resume: {self.ckpt_path} does not fit this model ({str(e).splitlines()[0]}); it belongs to "
-                f"another run: choose another --out")
-        self.start_epoch, self.steps, self.best_acc = ckpt["epoch"] + 1, ckpt["steps"], ckpt["best_test_acc"]
-        self.acc, self.partial = ckpt["test_acc"], ckpt.get("partial")
-        self.elapsed_before = ckpt.get("elapsed_s", 0.0)
-        for key, value in ckpt.get("measured", {}).items():
-            setattr(self, key, value)
-        if self.partial is not None and self.partial["replicas"] != self.replicas:
-            die(f"--resume: {self.ckpt_path} was written mid-epoch by {self.partial['replicas']} data-parallel "
-                f"processes; resume it with as many")
-        self.saved = self._describe(ckpt["epoch"], self.partial)
-        if self.main:  # drop metrics of work after the checkpoint (a run stopped mid-epoch)
-            atomic_write_text(self.metrics_path, "".join(self._metrics_until(ckpt["epoch"])))
-
-    def _metrics_until(self, epoch):
-        """metrics.jsonl's lines up to `epoch`; a half-written last line (a kill while appending) is dropped."""
-        if not os.path.exists(self.metrics_path):
-            return []
-        with open(self.metrics_path) as f:
-            lines = f.read().splitlines()
-        kept = []
+    def trim_metrics(self, epoch):
+        """Drop metrics.jsonl's lines after `epoch` (work after the checkpoint of a run stopped
+        mid-epoch) and a half-written last line (a kill while appending)."""
+        if not self.main:
+            return
+        kept, lines = [], []
+        if os.path.exists(self.metrics):
+            with open(self.metrics) as f:
+                lines = f.read().splitlines()
         for i, line in enumerate(lines):
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
                     break
-                die(f"{self.metrics_path} line {i + 1} is not JSON; repair or delete that line")
+                die(f"{self.metrics} line {i + 1} is not JSON; repair or delete that line")
             if entry["epoch"] <= epoch:
                 kept.append(line + "\n")
-        return kept
+        atomic_write_text(self.metrics, "".join(kept))
 
-    @staticmethod
-    def _describe(epoch, partial):
-        return f"epoch {epoch}" if partial is None else f"epoch {partial['epoch']}, batch {partial['batch']}"
-
-    def done(self):
-        return self.args.steps is not None and self.steps >= self.args.steps
-
-    # -- per step (no host syncs here, except once at the end of the warm-up) ----------------------
-    def activation_hooks(self):
-        """Count the bytes saved for backward and the FLOPs (forward and every backward) of the
-        first step of this process only: neither slows a timed step (timing starts later)."""
-        if self.process_steps != 0:
-            return contextlib.nullcontext()
-        self._flops = FlopCounterMode(display=False)
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.act_meter.hooks())
-        stack.enter_context(self._flops)
-        return stack
-
-    @contextlib.contextmanager
-    def inference_flops(self, images):
-        """Count the FLOPs of the first inference forward of this process (one evaluation batch)."""
-        if self.inference_flops_per_image is not None:
-            yield
-            return
-        with FlopCounterMode(display=False) as counter:
-            yield
-        self.inference_flops_per_image = counter.get_total_flops() / images
-
-    def before_step(self):
-        if self.process_steps == WARMUP_STEPS:
-            sync(self.device)
-            if self.pipeline is not None:  # time from a full start: the later stages are still on the slow
-                dist.barrier()             # first steps (FLOP counting, cuDNN autotuning) otherwise
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            self._t0 = time.perf_counter()  # timed_images and timed_s go on from a resumed checkpoint
-
-    def after_step(self, batch):
-        if self.process_steps == 0:
-            self.act_mem_bytes = self.act_meter.peak  # per process, like CUDA memory
-            self.train_flops_per_image = self._flops.get_total_flops() / batch
-            self._flops = None
-        self.process_steps += 1
-        self.steps += 1
-        if self._t0 is not None:
-            self.timed_images += batch * self.replicas
-
-    def receive(self, x, batch):
-        """The input of this process's first module: the batch itself, or with --pipeline what the
-        previous stage sent for it."""
-        return x if self.pipeline is None else self.pipeline.receive(x, batch)
-
-    def send(self, h):
-        """Pass the detached output of this process's last module to the next stage, if any."""
-        if self.pipeline is not None:
-            self.pipeline.send(h)
-
-    def begin_epoch(self, epoch, meter):
-        """Where the epoch's batches start: from zero, or where a mid-epoch checkpoint stopped (its
-        statistics go into `meter`; the batches done and the augmentation generator's state), so
-        that the resumed epoch is the uninterrupted one."""
-        self.batch, position = 0, {}
-        if self.partial is not None and self.partial["epoch"] == epoch:
-            p, self.partial = self.partial, None
-            self.batch = p["batch"]
-            if len(p["stats"]) == self.world:
-                meter.load(p["stats"][self.rank])
-            elif self.main:  # e.g. pipeline stages resumed in one process: the epoch end sums them anyway
-                meter.load(sum(p["stats"]))
-            position = {"first_batch": p["batch"], "aug_state": p["aug"][self.data_rank]}
-        return position
-
-    def between_steps(self, epoch, lr, meter, model, opt):
-        """After every step, with no host sync unless it prints or saves: a progress line now and
-        then, a --save-every checkpoint, and on SIGTERM / SIGINT a checkpoint and the exit."""
-        self.batch += 1
-        self._progress(epoch, meter)
-        stop = self._stop_requested()
-        every = self.args.save_every
-        if stop or (every and self.steps % every == 0 and self.batch < self.steps_per_epoch):
-            self._save_mid_epoch(epoch, lr, meter, model, opt)
-        if stop:
-            self._exit_on_signal()
-
-    def _progress(self, epoch, meter):
-        now = time.perf_counter()
-        last_t, last_steps = self._line
-        if not self.main or self.args.quiet or (self.steps - last_steps < PROGRESS_STEPS and now - last_t < PROGRESS_S):
-            return
-        last = self.stage_modules[-1]  # the network's head, or with --pipeline this stage's last module
-        loss = meter.mean_loss(last)  # the only host sync, once per line
-        total = self.steps_per_epoch * self.args.epochs
-        total = min(total, self.args.steps or total)
-        elapsed = now - self._t_start
-        eta = (total - self.steps) * elapsed / self.process_steps
-        speed = (self.steps - last_steps) * self.args.batch_size / (now - last_t)
-        name = "train_loss" if last == self.k - 1 else f"module_{last}_loss"
-        print(f"epoch {epoch}/{self.args.epochs} step {self.steps}/{total} {name} {loss:.4f} "
-              f"{speed:.1f} images/s elapsed {_hms(elapsed)} eta {_hms(eta)}", flush=True)
-        self._line = (now, self.steps)
-
-    # -- SIGTERM / SIGINT: finish the step, checkpoint, exit -----------------------------------------
-    def _catch_signals(self):
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signals(self):
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers = {}
-
-    def _on_signal(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C / SIGTERM: stop at once, as without this handler
-            self._restore_signals()
-            signal.raise_signal(signum)
-            return
-        self.signal = signum
-
-    def _stop_requested(self, now=False):
-        """Whether to stop after this step. A plain flag on one process; under torchrun every rank
-        must stop at the same step (a rank that went on would wait in the next all-reduce), so the
-        ranks sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`). Within
-        an epoch the sum is started without waiting and read STOP_CHECK_STEPS steps later, so that
-        no rank waits for the others there (pipeline stages run a few batches apart)."""
-        if self.world == 1:
-            return self.signal is not None
-        if not now and self.steps % STOP_CHECK_STEPS:
-            return False
-        stop = False
-        if self._stop_vote is not None:
-            work, votes = self._stop_vote
-            work.wait()
-            stop = votes.item() > 0
-        flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        if now:
-            dist.all_reduce(flag)
-            self._stop_vote = None
-            return stop or flag.item() > 0
-        self._stop_vote = (dist.all_reduce(flag, async_op=True), flag)
-        return stop
-
-    def _close_process_group(self):
-        """All ranks leave together: a rank that tore its connections down while another still
-        worked (rank 0 writing the summary) sometimes aborted a gloo process at exit (about 1 in 20
-        3-stage pipeline runs on a loaded CPU; none in 42 with the barrier)."""
-        if self.world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-
-    def _exit_on_signal(self):
-        sig = signal.Signals(self.signal or signal.SIGTERM)  # this rank's, or the one another rank received
+    def append_metrics(self, line):
         if self.main:
-            print(f"stopped by {sig.name} after step {self.steps}: {self.ckpt_path} holds {self.saved}; run the "
-                  f"same command with --resume to continue", file=sys.stderr, flush=True)
-        self._restore_signals()
-        self._close_process_group()
-        raise SystemExit(128 + sig)
-
-    # -- checkpoints --------------------------------------------------------------------------------
-    def nonfinite(self, model):
-        """How many parameters and floating buffers hold a NaN or an infinity, as a 1-element tensor
-        on the device (no host sync)."""
-        flags = [~torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
-        return torch.stack(flags).sum().float().view(1)
-
-    def die_nonfinite(self, epoch, lr, model, loss=None):
-        """Stop before a NaN or inf loss or model state is checkpointed, naming the lr of the epoch."""
-        if loss is not None:
-            what = f"the training loss became {loss} in epoch {epoch}"
-        else:
-            bad = [name for name, t in model.state_dict().items()
-                   if t.is_floating_point() and not torch.isfinite(t).all()]
-            what = (f"the model state became non-finite in epoch {epoch} (NaN or inf in {len(bad)} tensors, "
-                    f"e.g. {bad[0]})")
-        last = (f"the last good checkpoint is {self.ckpt_path} ({self.saved})" if self.saved
-                else "no checkpoint was written")
-        die(f"{what}; lower --lr (it was {lr:.4g} in epoch {epoch}) or check the data; {last}")
-
-    def _save_mid_epoch(self, epoch, lr, meter, model, opt):
-        """A checkpoint inside epoch `epoch`: the model, where the epoch's batches stand, the partial
-        statistics and the augmentation random state of every rank. Under torchrun the model is
-        made the same on every rank first, as at an epoch end (data parallel: BatchNorm statistics
-        averaged, the same average at the end of the epoch up to rounding; pipelined: each stage's
-        modules sent to the others)."""
-        self.pause_clock()
-        self.sync_model(model, opt)
-        if self.nonfinite(model).item():
-            self.die_nonfinite(epoch, lr, model)
-        aug = self.data.aug_gen.get_state() if self.data.aug_gen is not None else torch.zeros(0, dtype=torch.uint8)
-        partial = {"epoch": epoch, "batch": self.batch, "stats": self._gather(meter.state()), "aug": self._gather(aug),
-                   "replicas": self.replicas}
-        self._save(model, opt, epoch - 1, partial)
-        self.resume_clock()
-
-    def _gather(self, tensor):
-        """Every rank's copy of a small tensor, on the CPU."""
-        if self.world == 1:
-            return [tensor.cpu()]
-        tensor = tensor.to(self.device)
-        gathered = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(gathered, tensor)
-        return [t.cpu() for t in gathered]
-
-    def _save(self, model, opt, epoch, partial=None):
-        """Checkpoint after `epoch` whole epochs (and `partial`, a part of the next). It carries the
-        arguments, so that a resume checks them, and what was measured, so that summary.json keeps it."""
-        measured = {key: getattr(self, key) for key in
-                    ("act_mem_bytes", "peak_mem_bytes", "peak_reserved_bytes", "timed_images", "timed_s",
-                     "train_flops_per_image", "inference_flops_per_image")}
-        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "steps": self.steps,
-                "best_test_acc": self.best_acc, "test_acc": self.acc, "args": dict(vars(self.args)),
-                "measured": measured, "partial": partial, "elapsed_s": self.elapsed_s()}
-        if self.main:
-            atomic_save(ckpt, self.ckpt_path)
-        self.saved = self._describe(epoch, partial)
-
-    def average_gradients(self, params):
-        """All-reduce every gradient (one flat buffer) after the local backwards: data parallelism
-        over all modules at once, with no DDP wrapper to tangle with the per-module backwards."""
-        if self.replicas == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
-
-    def sync_model(self, model, opt):
-        """End of an epoch's training: every rank gets the same model. Data parallel: average the
-        BatchNorm running statistics; pipelined: each stage sends what it trained to the others."""
-        if self.pipeline is not None:
-            return self.pipeline.sync(opt)
-        if self.world == 1:
-            return
-        for b in model.buffers():
-            if b.is_floating_point():
-                dist.all_reduce(b)
-                b /= self.world
-
-    def rank_divergence(self, model):
-        """Largest difference between any rank's parameters and buffers and rank 0's (0.0 when
-        the data-parallel training kept every rank's model identical, as it must)."""
-        flat = torch.cat([t.detach().float().reshape(-1) for t in (*model.parameters(), *model.buffers())])
-        gathered = [torch.empty_like(flat) for _ in range(self.world)]
-        dist.all_gather(gathered, flat)
-        return max((g - gathered[0]).abs().max().item() for g in gathered)
-
-    def all_sum(self, tensor):
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def pause_clock(self):
-        """End of an epoch's training: stop timing, read the CUDA peak of the training steps."""
-        if self.pipeline is not None:
-            self.pipeline.flush()  # the epoch ends when the next stage has this stage's last output
-        sync(self.device)
-        if self._t0 is not None:
-            self.timed_s += time.perf_counter() - self._t0
-            self._t0 = None
-            if self.device.type == "cuda":
-                allocated = torch.cuda.max_memory_allocated(self.device) - self.mem_base
-                reserved = torch.cuda.max_memory_reserved(self.device)
-                self.peak_mem_bytes = max(self.peak_mem_bytes or 0, allocated)
-                self.peak_reserved_bytes = max(self.peak_reserved_bytes or 0, reserved)
-
-    def resume_clock(self):
-        if self.process_steps >= WARMUP_STEPS:
-            sync(self.device)
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)  # evaluation is not training memory
-            self._t0 = time.perf_counter()
-
-    # -- end of epoch and end of run --------------------------------------------------------------
-    def end_epoch(self, epoch, lr, train, test, model, opt):
-        """Log the epoch; checkpoint it unless --steps cut it short (resuming then continues from
-        the last checkpoint, which ends a whole epoch or stands where --save-every wrote it)."""
-        self.acc, self.best_acc = test["test_acc"], max(self.best_acc, test["test_acc"])
-        line = {"epoch": epoch, "lr": lr, **train, **test, "best_test_acc": self.best_acc, "steps": self.steps,
-                "elapsed_s": round(self.elapsed_s(), 3)}
-        if self.main:
-            print(json.dumps(line), flush=True)
-            with writing(self.metrics_path):
-                with open(self.metrics_path, "a") as f:
+            with writing(self.metrics):
+                with open(self.metrics, "a") as f:
                     f.write(json.dumps(line) + "\n")
-        if not self.interrupted:
-            self._save(model, opt, epoch)
-            # a signal during evaluation: stop here, unless the run is complete anyway
-            if epoch < self.args.epochs and self._stop_requested(now=True):
-                self._exit_on_signal()
 
-    def elapsed_s(self):
-        """Wall time of the run so far, the segments before a resume included."""
-        return self.elapsed_before + time.perf_counter() - self.clock_start
-
-    def finish(self, model, modules):
-        params = {"backbone": count_params(model["net"]), "aux": count_params(model["aux"])}
-        params.update({name: count_params(m) for name, m in model.items() if name not in ("net", "aux")})
-        a = self.args
-        summary = {
-            "method": a.method, "dataset": a.dataset, "arch": a.arch, "k": a.k, "split": a.split,
-            "modules": modules, "params": params, "epochs": a.epochs, "steps": self.steps,
-            "batch_size": a.batch_size, "world_size": self.world,
-            "best_test_acc": self.best_acc, "final_test_acc": self.acc,
-            "peak_mem_bytes": self.peak_mem_bytes, "peak_reserved_bytes": self.peak_reserved_bytes,
-            "act_mem_bytes": self.act_mem_bytes,
-            "train_flops_per_image": self.train_flops_per_image,
-            "inference_flops_per_image": self.inference_flops_per_image,
-            "images_per_s": self.timed_images / self.timed_s if self.timed_s > 0 else None,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "elapsed_s": round(self.elapsed_s(), 3),
-        }
-        if self.pipeline is not None:
-            summary["stages"] = self.pipeline.report(self.act_mem_bytes)
-            flops = torch.tensor([self.train_flops_per_image or 0.0], dtype=torch.float64, device=self.device)
-            summary["train_flops_per_image"] = self.all_sum(flops).item()  # each stage counted its own modules
-        if self.world > 1:
-            summary["rank_max_abs_diff"] = self.rank_divergence(model)
+    def write_summary(self, summary):
         if self.main:
-            atomic_write_text(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-            print(json.dumps({k: summary[k] for k in ("method", "k", "final_test_acc", "best_test_acc",
-                                                      "act_mem_bytes", "peak_mem_bytes", "images_per_s")}))
-        self._restore_signals()
-        self._close_process_group()
-        return summary
-
-
-def _hms(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+            atomic_write_text(os.path.join(self.args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -1543,60 +1345,370 @@ def atomic_save(obj, path):
         os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# The epoch: training (the method's step on every batch) and evaluation.
-# ----------------------------------------------------------------------------------------------
+# ---- Stop requests: SIGTERM / SIGINT finish the step, and every process stops at the same one ----
 
-def autocast(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+STOP_CHECK_STEPS = 10  # under torchrun the processes agree on a SIGTERM / SIGINT every this many steps
 
+
+class StopRequest:
+    """The first SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C) is remembered and acted on
+    after the current step: the run checkpoints and exits. A second one stops at once, as without
+    this handler."""
+
+    def __init__(self, procs):
+        self.procs, self.signal = procs, None  # the signal received, if one was
+        self._vote = None                      # the processes' sum of their flags, under way
+        self._old_handlers = {}
+
+    def catch(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+
+    def exit(self, steps, saved):
+        """Stop the run after `steps`, with this process's signal or the one another process received."""
+        sig = signal.Signals(self.signal or signal.SIGTERM)
+        if self.procs.main:
+            print(f"stopped by {sig.name} after step {steps}: {saved}; run the same command with --resume to "
+                  f"continue", file=sys.stderr, flush=True)
+        self.restore()
+        self.procs.close()
+        raise SystemExit(128 + sig)
+
+    def requested(self, steps, now=False):
+        """Whether to stop after this step. A plain flag in one process; under torchrun every
+        process must stop at the same step (one that went on would wait in the next collective),
+        so they sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`).
+        Within an epoch the sum is started without waiting and read STOP_CHECK_STEPS steps later,
+        so that no process waits for the others there (pipeline stages run a few batches apart)."""
+        if self.procs.world == 1:
+            return self.signal is not None
+        if not now and steps % STOP_CHECK_STEPS:
+            return False
+        stop = False
+        if self._vote is not None:
+            work, votes = self._vote
+            work.wait()
+            stop = votes.item() > 0
+        flag = torch.tensor([float(self.signal is not None)], device=self.procs.device)
+        if now:
+            dist.all_reduce(flag)
+            self._vote = None
+            return stop or flag.item() > 0
+        self._vote = (dist.all_reduce(flag, async_op=True), flag)
+        return stop
+
+
+# ---- Progress lines: the start line, then one every PROGRESS_STEPS steps or PROGRESS_S seconds ----
+
+PROGRESS_STEPS, PROGRESS_S = 500, 60.0  # a progress line after this many steps or seconds, whichever first
+
+
+class Progress:
+    """Lines for a person watching the run (the main process, unless --quiet): the start line, then
+    now and then the epoch, the step, the loss of this process's last module (the network's head,
+    or with --pipeline this stage's last module), the speed and the time left."""
+
+    def __init__(self, args, main, steps_per_epoch, k, last_module, steps):
+        self.args, self.on, self.k, self.last_module = args, main and not args.quiet, k, last_module
+        self.total = steps_per_epoch * args.epochs
+        self.total = min(self.total, args.steps or self.total)
+        self.t_start = time.perf_counter()
+        self._line = (self.t_start, steps)  # (time, steps) of the last line
+
+    def say(self, text):
+        if self.on:
+            print(text, flush=True)
+
+    def update(self, epoch, steps, process_steps, meter):
+        now = time.perf_counter()
+        last_t, last_steps = self._line
+        if not self.on or (steps - last_steps < PROGRESS_STEPS and now - last_t < PROGRESS_S):
+            return
+        loss = meter.mean_loss(self.last_module)  # the only host sync, once per line
+        elapsed = now - self.t_start
+        eta = (self.total - steps) * elapsed / process_steps
+        speed = (steps - last_steps) * self.args.batch_size / (now - last_t)
+        name = "train_loss" if self.last_module == self.k - 1 else f"module_{self.last_module}_loss"
+        print(f"epoch {epoch}/{self.args.epochs} step {steps}/{self.total} {name} {loss:.4f} "
+              f"{speed:.1f} images/s elapsed {_hms(elapsed)} eta {_hms(eta)}", flush=True)
+        self._line = (now, steps)
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---- The run: the parts above put together, the training position and the epoch loop's hooks -----
+
+class Run:
+    """One training run as main() and train_epoch see it. It composes the processes (`procs`), the
+    run folder (`folder`), the measurements (`measure`), the stop request (`stop`), the progress
+    lines (`progress`) and the modules this process trains (`stages`), and keeps where the training
+    stands: the epoch to start from, the steps taken, the batch within the epoch, the accuracy."""
+
+    def __init__(self, args):
+        self.args = args
+        self.procs = Processes(args)
+        self.device, self.main = self.procs.device, self.procs.main
+        self.folder = RunFolder(args, self.procs)
+        self.measure = Measurements(self.device, self.procs.replicas)
+        self.stop = StopRequest(self.procs)
+        self.progress = self.stages = None
+        self.start_epoch, self.steps, self.best_acc, self.acc = 1, 0, 0.0, None
+        self.batch = 0            # batches done in the running epoch
+        self.partial = None       # where a mid-epoch checkpoint stopped (the epoch to resume there)
+        self.interrupted = False  # --steps stopped an epoch before its end
+        self.saved = None         # the last good checkpoint, in words
+        self.data, self.steps_per_epoch, self.step, self.k = None, 0, None, None
+
+    def start(self, model, opt, data, modules, step):
+        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1 (cut into pipeline
+        stages with --pipeline), resume from the checkpoint if asked (else record the arguments, as
+        the model was built with them), catch SIGTERM / SIGINT, print the start line and apply
+        --channels-last and --compile. Returns the epochs to train."""
+        args = self.args
+        self.data, self.steps_per_epoch = data, data.steps_per_epoch(args.batch_size, self.procs.replicas)
+        if self.steps_per_epoch == 0:
+            die(f"--batch-size {args.batch_size} leaves no training step on {data.num_train} training images "
+                f"(a last batch under 2 images per process is dropped for BatchNorm); use a smaller "
+                f"--batch-size or more images (--subset)")
+        self.step, self.k = step, len(modules)
+        self.stages = (Pipeline if args.pipeline else OneStage)(self.procs, args, model, data, modules, step)
+        self.measure.watch(model.parameters(), data.resident_bytes)
+        if args.resume:
+            self._resume(model, opt)
+        else:
+            self.folder.write_args()
+        self.stop.catch()
+        self.progress = Progress(args, self.main, self.steps_per_epoch, self.k, self.stages.own[-1], self.steps)
+        self.progress.say(f"{args.method}: {args.dataset} ({data.num_train:,} training images, {self.steps_per_epoch} "
+                          f"steps per epoch), {args.arch} in K={args.k} modules, {count_params(model):,} parameters, "
+                          f"epochs {self.start_epoch}-{args.epochs} on {self.procs.world} x {self.device}, output in "
+                          f"{args.out}")
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
+        if args.compile:
+            compile_pieces(model)
+        return range(self.start_epoch, args.epochs + 1)
+
+    def _resume(self, model, opt):
+        ckpt = self.folder.load(model, opt, self.device)
+        self.start_epoch, self.steps, self.best_acc = ckpt["epoch"] + 1, ckpt["steps"], ckpt["best_test_acc"]
+        self.acc, self.partial = ckpt["test_acc"], ckpt.get("partial")
+        self.measure.elapsed_before = ckpt.get("elapsed_s", 0.0)
+        self.measure.load(ckpt.get("measured", {}))
+        if self.partial is not None and self.partial["replicas"] != self.procs.replicas:
+            die(f"--resume: {self.folder.checkpoint} was written mid-epoch by {self.partial['replicas']} "
+                f"data-parallel processes; resume it with as many")
+        self.saved = _describe(ckpt["epoch"], self.partial)
+        self.folder.trim_metrics(ckpt["epoch"])
+
+    def done(self):
+        return self.args.steps is not None and self.steps >= self.args.steps
+
+    # -- the epoch loop's hooks (no host sync per step, except to print or save) -----------------------
+    def begin_epoch(self, epoch, meter):
+        """Where the epoch's batches start: from zero, or where a mid-epoch checkpoint stopped (its
+        statistics go into `meter`; the batches done and the augmentation generator's state), so
+        that the resumed epoch is the uninterrupted one."""
+        self.batch, position = 0, {}
+        if self.partial is not None and self.partial["epoch"] == epoch:
+            p, self.partial = self.partial, None
+            self.batch = p["batch"]
+            if len(p["stats"]) == self.procs.world:
+                meter.load(p["stats"][self.procs.rank])
+            elif self.main:  # e.g. pipeline stages resumed in one process: the epoch end sums them anyway
+                meter.load(sum(p["stats"]))
+            position = {"first_batch": p["batch"], "aug_state": p["aug"][self.procs.data_rank]}
+        return position
+
+    def after_step(self, epoch, lr, batch, meter, model, opt):
+        """After every optimizer step: count it; now and then a progress line; a --save-every
+        checkpoint; on SIGTERM / SIGINT a checkpoint and the exit."""
+        self.measure.after_step(batch)
+        self.steps += 1
+        self.batch += 1
+        self.progress.update(epoch, self.steps, self.measure.process_steps, meter)
+        stop = self.stop.requested(self.steps)
+        every = self.args.save_every
+        if stop or (every and self.steps % every == 0 and self.batch < self.steps_per_epoch):
+            self._save_mid_epoch(epoch, lr, meter, model, opt)
+        if stop:
+            self.stop.exit(self.steps, f"{self.folder.checkpoint} holds {self.saved}")
+
+    def pause_clock(self):
+        """End of an epoch's training (or a checkpoint): stop timing once the next stage has this
+        stage's last output."""
+        self.stages.flush()
+        self.measure.pause()
+
+    # -- checkpoints, the end of an epoch and of the run -------------------------------------------
+    def _save(self, model, opt, epoch, partial=None):
+        """Checkpoint after `epoch` whole epochs (and `partial`, a part of the next). It carries the
+        arguments, so that a resume checks them, and what was measured, so that summary.json keeps it."""
+        self.folder.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                          "steps": self.steps, "best_test_acc": self.best_acc, "test_acc": self.acc,
+                          "args": dict(vars(self.args)), "measured": self.measure.state(), "partial": partial,
+                          "elapsed_s": self.measure.elapsed_s()})
+        self.saved = _describe(epoch, partial)
+
+    def _save_mid_epoch(self, epoch, lr, meter, model, opt):
+        """A checkpoint inside epoch `epoch`: the model (made the same on every process first, as at
+        an epoch end), where the epoch's batches stand, the partial statistics and the augmentation
+        random state of every process."""
+        self.pause_clock()
+        self.stages.sync(model, opt)
+        if nonfinite(model).item():
+            die_nonfinite(self, epoch, lr, model)
+        aug = self.data.aug_gen.get_state() if self.data.aug_gen is not None else torch.zeros(0, dtype=torch.uint8)
+        partial = {"epoch": epoch, "batch": self.batch, "stats": self.procs.gather(meter.state()),
+                   "aug": self.procs.gather(aug), "replicas": self.procs.replicas}
+        self._save(model, opt, epoch - 1, partial)
+        self.measure.resume()
+
+    def end_epoch(self, epoch, lr, train, test, model, opt):
+        """Log the epoch; checkpoint it unless --steps cut it short (resuming then continues from
+        the last checkpoint, which ends a whole epoch or stands where --save-every wrote it)."""
+        self.acc, self.best_acc = test["test_acc"], max(self.best_acc, test["test_acc"])
+        line = {"epoch": epoch, "lr": lr, **train, **test, "best_test_acc": self.best_acc, "steps": self.steps,
+                "elapsed_s": round(self.measure.elapsed_s(), 3)}
+        if self.main:
+            print(json.dumps(line), flush=True)
+        self.folder.append_metrics(line)
+        if not self.interrupted:
+            self._save(model, opt, epoch)
+            # a signal during evaluation: stop here, unless the run is complete anyway
+            if epoch < self.args.epochs and self.stop.requested(self.steps, now=True):
+                self.stop.exit(self.steps, f"{self.folder.checkpoint} holds {self.saved}")
+
+    def finish(self, model, modules):
+        """Write summary.json, print its headline and leave the process group."""
+        summary = summarize(self, model, modules)
+        self.folder.write_summary(summary)
+        if self.main:
+            print(json.dumps({k: summary[k] for k in ("method", "k", "final_test_acc", "best_test_acc",
+                                                      "act_mem_bytes", "peak_mem_bytes", "images_per_s")}))
+        self.stop.restore()
+        self.procs.close()
+        return summary
+
+
+def _describe(epoch, partial):
+    """Where a checkpoint stands, in words."""
+    return f"epoch {epoch}" if partial is None else f"epoch {partial['epoch']}, batch {partial['batch']}"
+
+
+def nonfinite(model):
+    """How many parameters and floating buffers hold a NaN or an infinity, as a 1-element tensor on
+    the device (no host sync)."""
+    flags = [~torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return torch.stack(flags).sum().float().view(1)
+
+
+def die_nonfinite(run, epoch, lr, model, loss=None):
+    """Stop before a NaN or inf loss or model state is checkpointed, naming the lr of the epoch."""
+    if loss is not None:
+        what = f"the training loss became {loss} in epoch {epoch}"
+    else:
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        what = f"the model state became non-finite in epoch {epoch} (NaN or inf in {len(bad)} tensors, e.g. {bad[0]})"
+    last = (f"the last good checkpoint is {run.folder.checkpoint} ({run.saved})" if run.saved
+            else "no checkpoint was written")
+    die(f"{what}; lower --lr (it was {lr:.4g} in epoch {epoch}) or check the data; {last}")
+
+
+def summarize(run, model, modules):
+    """summary.json: what was trained, how well, and what it cost (memory, FLOPs, speed, time). With
+    --pipeline also each stage's share; under torchrun the largest difference between the
+    processes' models (0.0)."""
+    params = {"backbone": count_params(model["net"]), "aux": count_params(model["aux"])}
+    params.update({name: count_params(m) for name, m in model.items() if name not in ("net", "aux")})
+    a, m, procs = run.args, run.measure, run.procs
+    summary = {
+        "method": a.method, "dataset": a.dataset, "arch": a.arch, "k": a.k, "split": a.split,
+        "modules": modules, "params": params, "epochs": a.epochs, "steps": run.steps,
+        "batch_size": a.batch_size, "world_size": procs.world,
+        "best_test_acc": run.best_acc, "final_test_acc": run.acc,
+        "peak_mem_bytes": m.peak_mem_bytes, "peak_reserved_bytes": m.peak_reserved_bytes,
+        "act_mem_bytes": m.act_mem_bytes,
+        "train_flops_per_image": m.train_flops_per_image,
+        "inference_flops_per_image": m.inference_flops_per_image,
+        "images_per_s": m.images_per_s(),
+        "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "elapsed_s": round(m.elapsed_s(), 3),
+    }
+    if a.pipeline:
+        summary["stages"] = run.stages.report(m.act_mem_bytes)
+        flops = torch.tensor([m.train_flops_per_image or 0.0], dtype=torch.float64, device=run.device)
+        summary["train_flops_per_image"] = procs.all_sum(flops).item()  # each stage counted its own modules
+    if procs.world > 1:
+        summary["rank_max_abs_diff"] = procs.divergence(model)
+    return summary
+
+
+# ---- The epoch: training (the method's step on every batch) and evaluation -----------------------
 
 def train_epoch(run, args, data, model, opt, epoch, step):
     """One epoch: on every batch the method's local step of each module this process trains (all
     of them, or its pipeline stage's), each module's loss back-propagated at once; then gradients
-    are averaged over data-parallel ranks and one optimizer step is taken. Statistics stay on the
-    device until the epoch ends."""
+    are averaged over data-parallel replicas and one optimizer step is taken. Statistics stay on
+    the device until the epoch ends."""
     lr = lr_at(epoch, args)
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
     meter = ModuleMeter(run.k, run.device)
     position = run.begin_epoch(epoch, meter)  # where a mid-epoch checkpoint stopped, if it did
-    run.resume_clock()
+    run.measure.resume()
     run.interrupted = False
-    for x, y in data.train_batches(epoch, args.batch_size, args.seed, run.data_rank, run.replicas, **position):
+    procs = run.procs
+    for x, y in data.train_batches(epoch, args.batch_size, args.seed, procs.data_rank, procs.replicas, **position):
         if run.done():
             run.interrupted = True
             break
-        run.before_step()
+        run.measure.before_step(all_processes=args.pipeline)
         opt.zero_grad(set_to_none=True)
-        with run.activation_hooks(), autocast(args, run.device):
-            h, losses, logits = run_modules(step, run.stage_modules, run.receive(x, len(y)), x, y)
-            run.send(h)
-        run.average_gradients(model.parameters())
+        with run.measure.first_step(), autocast(args, run.device):
+            h, losses, logits = run_modules(step, run.stages.own, run.stages.receive(x, len(y)), x, y)
+            run.stages.send(h)
+        procs.average_gradients(model.parameters())
         opt.step()
-        run.after_step(len(y))
-        meter.add(run.stage_modules, losses, logits, y)
-        run.between_steps(epoch, lr, meter, model, opt)
+        meter.add(run.stages.own, losses, logits, y)
+        run.after_step(epoch, lr, len(y), meter, model, opt)
     run.pause_clock()
-    run.sync_model(model, opt)
-    train = meter.result(run)
+    run.stages.sync(model, opt)
+    train = meter.result(procs)
     loss = train["train_loss"]
-    if (loss is not None and not math.isfinite(loss)) or run.all_sum(run.nonfinite(model)).item():
-        run.die_nonfinite(epoch, lr, model, None if loss is None or math.isfinite(loss) else loss)
+    if (loss is not None and not math.isfinite(loss)) or procs.all_sum(nonfinite(model)).item():
+        die_nonfinite(run, epoch, lr, model, None if loss is None or math.isfinite(loss) else loss)
     return lr, train
 
 
 @torch.no_grad()
 def evaluate(run, args, data, model, predict):
     """Top-1 (and top-5) accuracy of `predict` (the backbone and its head, unless the method's
-    inference network has more) on the test split, sharded over ranks. With --module-acc also the
-    test accuracy of every module's auxiliary classifier (the local steps' forward, no backward)."""
+    inference network has more) on the test split, sharded over the processes. With --module-acc
+    also the test accuracy of every module's auxiliary classifier (the local steps' forward, no
+    backward)."""
     model.eval()
     counts = torch.zeros(3, device=run.device)  # top-1 right, top-5 right, seen
     module_right, classifies = torch.zeros(run.k, device=run.device), [False] * run.k
-    for x, y in data.test_batches(args.batch_size, run.rank, run.world):
-        with autocast(args, run.device), run.inference_flops(len(y)):
+    for x, y in data.test_batches(args.batch_size, run.procs.rank, run.procs.world):
+        with autocast(args, run.device), run.measure.inference_flops(len(y)):
             logits = predict(x)
             if args.module_acc:
                 _, _, scores = run_modules(run.step, range(run.k - 1), x, x, y, backward=False)
@@ -1607,9 +1719,9 @@ def evaluate(run, args, data, model, predict):
         top5 = (logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]).any(1)
         counts += torch.stack([(logits.argmax(1) == y).sum().float(), top5.sum().float(),
                                torch.tensor(float(len(y)), device=run.device)])
-    top1, top5, seen = run.all_sum(counts).tolist()
+    top1, top5, seen = run.procs.all_sum(counts).tolist()
     test = {"test_acc": top1 / seen, "test_top5": top5 / seen}
     if args.module_acc:
-        right = run.all_sum(module_right).tolist()
+        right = run.procs.all_sum(module_right).tolist()
         test["module_test_acc"] = [r / seen if c else None for r, c in zip(right[:-1], classifies)] + [top1 / seen]
     return test
