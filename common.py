@@ -23,6 +23,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import glob
 import json
 import math
@@ -30,6 +31,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,7 +47,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def die(message):
-    """Stop with a one-line error that tells the user what to do (no traceback)."""
+    """Stop with a one-line error that tells the user what to do (no traceback). The run folder's
+    lock goes with it, so that the folder is free at once (also to a run in this same process)."""
+    RunFolder.unlock()
     raise SystemExit(f"error: {message}")
 
 
@@ -1222,7 +1226,10 @@ class RunFolder:
     """The run's folder (--out) and its files, written by the main process only. A folder holds
     one run once it has a checkpoint: a fresh start refuses it, a resume must have the same
     arguments; a run that stopped before its first checkpoint (bad data or arguments, a crash or
-    kill in epoch 1) leaves nothing that blocks a new start."""
+    kill in epoch 1) leaves nothing that blocks a new start. While a run is alive it holds an
+    exclusive lock on the folder's `.lock` file (advisory, released by the kernel however the
+    process ends): a second run in the folder, fresh or --resume, stops at once."""
+    _locked = []  # the lock file this process holds, if any
 
     def __init__(self, args, procs):
         self.args, self.main = args, procs.main
@@ -1239,12 +1246,33 @@ class RunFolder:
         if self.main:
             with writing(args.out):
                 os.makedirs(args.out, exist_ok=True)
+                self._lock(os.path.join(args.out, ".lock"))
                 for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp[0-9]*")):
                     os.remove(tmp)  # left by a process killed while it was saving
             if not args.resume:  # clear what an attempt that died before its first checkpoint left
                 atomic_write_text(self.metrics, "")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.out, "summary.json"))
+
+    def _lock(self, path):
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            die(f"{self.args.out} is in use by {holder}, which is still running; wait for it to end (or stop it), "
+                f"or choose another --out")
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        RunFolder._locked.append(lock)
+
+    @staticmethod
+    def unlock():
+        while RunFolder._locked:
+            RunFolder._locked.pop().close()
 
     def write_args(self):
         """args.json: the arguments of a fresh start, as resolved (the model was built with them)."""
@@ -1353,10 +1381,12 @@ STOP_CHECK_STEPS = 10  # under torchrun the processes agree on a SIGTERM / SIGIN
 class StopRequest:
     """The first SIGTERM (a scheduler's pre-emption) or SIGINT (Ctrl-C) is remembered and acted on
     after the current step: the run checkpoints and exits. A second one stops at once, as without
-    this handler."""
+    this handler. A process started by torchrun whose launcher is gone (killed with SIGKILL: its
+    processes live on in their own session) stops as on SIGTERM."""
 
     def __init__(self, procs):
         self.procs, self.signal = procs, None  # the signal received, if one was
+        self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self._vote = None                      # the processes' sum of their flags, under way
         self._old_handlers = {}
 
@@ -1385,6 +1415,7 @@ class StopRequest:
                   f"continue", file=sys.stderr, flush=True)
         self.restore()
         self.procs.close()
+        RunFolder.unlock()
         raise SystemExit(128 + sig)
 
     def requested(self, steps, now=False):
@@ -1393,6 +1424,8 @@ class StopRequest:
         so they sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`).
         Within an epoch the sum is started without waiting and read STOP_CHECK_STEPS steps later,
         so that no process waits for the others there (pipeline stages run a few batches apart)."""
+        if self.signal is None and self.launcher is not None and os.getppid() != self.launcher:
+            self.signal = signal.SIGTERM  # orphaned: this process now belongs to init (or a subreaper)
         if self.procs.world == 1:
             return self.signal is not None
         if not now and steps % STOP_CHECK_STEPS:
@@ -1604,6 +1637,7 @@ class Run:
                                                       "act_mem_bytes", "peak_mem_bytes", "images_per_s")}))
         self.stop.restore()
         self.procs.close()
+        RunFolder.unlock()
         return summary
 
 

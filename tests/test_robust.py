@@ -1,4 +1,4 @@
-"""Long runs: no folder locked by a failed start, validated arguments, one-line errors for damaged
+"""Long runs: one run per folder, no folder locked by a failed start, orphaned ranks that stop, validated arguments, one-line errors for damaged
 or unwritable files, no non-finite checkpoint, SIGTERM / --save-every checkpoints that resume
 exactly, measurements kept across resume, start and progress lines."""
 import errno
@@ -100,6 +100,57 @@ def test_failed_starts_do_not_lock_the_folder(tmp_path, monkeypatch):
     summary = run_script("dgl", out, *cifar, "--k", "2", quick=False)  # the fixed command runs
     assert summary["steps"] == 2 and read_json(out / "args.json")["k"] == 2
     assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.slow
+def test_a_folder_in_use_is_refused_and_freed_when_its_run_ends(tmp_path):
+    import fcntl
+    out = tmp_path / "run"
+
+    def held_by_another_run():
+        held = open(out / ".lock", "w")
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242 on node7\n")
+        held.flush()
+        return held
+    os.makedirs(out)
+    with held_by_another_run():
+        with pytest.raises(SystemExit) as e:
+            tiny("dgl", out, "--k", "2", "--epochs", "2", "--steps", "2")
+        one_line_error(e, out, "is in use by process 4242 on node7", "--out")
+    assert os.listdir(out) == [".lock"]  # the refused start touched nothing
+    tiny("dgl", out, "--k", "2", "--epochs", "2", "--steps", "2")  # free again: epoch 1, checkpointed
+    with held_by_another_run():
+        with pytest.raises(SystemExit, match="is in use by process 4242"):  # also for --resume
+            tiny("dgl", out, "--k", "2", "--epochs", "2", "--resume")
+    with pytest.raises(SystemExit, match="has --k 2, not 3"):  # a refused resume leaves the folder free
+        tiny("dgl", out, "--k", "3", "--epochs", "2", "--resume")
+    assert tiny("dgl", out, "--k", "2", "--epochs", "2", "--resume")["steps"] == 4
+
+
+@pytest.mark.slow
+def test_ranks_whose_torchrun_was_killed_checkpoint_and_stop(tmp_path):
+    """torchrun starts its ranks in their own session, so killing its process group leaves them
+    running: they notice that their launcher is gone and stop as on SIGTERM."""
+    out, log = tmp_path / "run", open(tmp_path / "log", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dgl.py", *TINY,
+           "--subset", "256", "--batch-size", "16", "--k", "2", "--epochs", "50", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + 300
+    while not os.path.exists(out / "checkpoint.pt") and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    ranks = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    while any(os.path.exists(f"/proc/{r}") for r in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{r}") for r in ranks), "orphaned ranks still running"
+    text = open(tmp_path / "log").read()
+    assert "stopped by SIGTERM" in text and "Traceback" not in text, text
+    partial = torch.load(out / "checkpoint.pt", weights_only=False)["partial"]
+    assert partial is not None and partial["replicas"] == 2  # a checkpoint where they stopped
 
 
 @pytest.mark.slow
