@@ -66,7 +66,8 @@ Differences from the official code (Zeudfish/HPFF):
   BatchNorm widths fixed to match its convs), with as many outputs as classes, convs drawn with
   kaiming fan-out. Recipe: batch 128, lr 0.05, 90 epochs, cosine without warm-up, as the official
   script (single GPU, batch 128 per process there). Its K=4 split cuts after layer3[0], layer3[9]
-  and layer3[17]; the shared `--k 4` split is an even one (the same but for one block on ResNet-101).
+  and layer3[17], which the shared splits do not have: `--k 4` is an even split (on ResNet-101 and
+  ResNeXt-101 one block away from the official one, on ResNet-152 further).
 """
 import functools
 
