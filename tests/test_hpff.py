@@ -177,7 +177,7 @@ def test_window_gradient_crosses_one_module_boundary_and_stops_at_the_next():
 @pytest.mark.slow
 def test_windows_keep_activation_memory_below_bp():
     """One backward per window: a window holds two blocks, the independent block and its heads,
-    about half of BP's saved activations at K=15 (one backward on the summed losses would hold
+    0.56 of BP's saved activations at K=15, batch 32 (one backward on the summed losses would hold
     every window at once, several times BP's)."""
     _, data, net, modules, aux = build(15)
     x, y = data.normalize(data.train_x[:32]), data.train_y[:32]
