@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -687,6 +688,9 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
             die(f"--{name.replace('_', '-')} must be at least {low}{why}, got {value}")
     if not 0 < args.lr < math.inf:
         die(f"--lr must be a positive number, got {args.lr}")
+    for name in ("momentum", "weight_decay"):  # 1 or more makes SGD diverge or erase the weights
+        if not getattr(args, name) < 1:
+            die(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
     if args.pipeline and no_pipeline:
         die(f"{method}.py cannot pipeline its modules: {no_pipeline}; run it without --pipeline")
     if args.pipeline_cuts and not args.pipeline:
@@ -975,8 +979,13 @@ class Processes:
         if args.device is None:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = args.device
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            die(f"--device {device} is not a device this script runs on: use cpu, cuda or cuda:N")
         if device.startswith("cuda") and not torch.cuda.is_available():
             die(f"--device {device} but no CUDA device is visible; use --device cpu")
+        if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+            die(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1})")
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local_rank}"
         self.device = torch.device(device)
@@ -1162,7 +1171,7 @@ class Pipeline:
         share = lambda costs: [sum(costs[i] for i in stage) / max(sum(costs), 1e-12) for stage in self.stages]
         self.time_share, self.flops_share = share(seconds), share(flops)
         self.pending = collections.deque()
-        if procs.main:
+        if procs.main and not args.quiet:
             described = [f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
                          f"{modules[st.stop - 1][-1]}), {busy:.0%} of the step time, {flops:.0%} of the FLOPs"
                          for s, (st, busy, flops) in enumerate(zip(self.stages, self.time_share, self.flops_share))]
@@ -1328,6 +1337,8 @@ class RunFolder:
                 if i == len(lines) - 1:
                     break
                 die(f"{self.metrics} line {i + 1} is not JSON; repair or delete that line")
+            if not isinstance(entry, dict) or not isinstance(entry.get("epoch"), int):
+                die(f"{self.metrics} line {i + 1} is not an epoch's entry; repair or delete that line")
             if entry["epoch"] <= epoch:
                 kept.append(line + "\n")
         atomic_write_text(self.metrics, "".join(kept))
@@ -1532,6 +1543,11 @@ class Run:
                           f"steps per epoch), {args.arch} in K={args.k} modules, {count_params(model):,} parameters, "
                           f"epochs {self.start_epoch}-{args.epochs} on {self.procs.world} x {self.device}, output in "
                           f"{args.out}")
+        idle = sum((e == 1 and args.warmup_epochs > 0) or lr_at(e, args) == 0 for e in range(1, args.epochs + 1))
+        if 2 * idle > args.epochs:
+            self.progress.say(f"note: {idle} of the {args.epochs} epochs train at lr 0.01 (the warm-up's start) or 0 "
+                              f"(the cosine ends at 0 in the last epoch, as in the official codes); use more --epochs "
+                              f"for a run that learns")
         if args.channels_last:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         if args.compile:
@@ -1544,6 +1560,13 @@ class Run:
         self.acc, self.partial = ckpt["test_acc"], ckpt.get("partial")
         self.measure.elapsed_before = ckpt.get("elapsed_s", 0.0)
         self.measure.load(ckpt.get("measured", {}))
+        if ckpt["epoch"] >= self.args.epochs and self.partial is None:  # nothing left: change nothing
+            if self.main:
+                print(f"{self.args.out}: the run is complete ({ckpt['epoch']} epochs, {self.steps} steps); nothing "
+                      f"to resume", flush=True)
+            self.procs.close()
+            RunFolder.unlock()
+            raise SystemExit(0)
         if self.partial is not None and self.partial["replicas"] != self.procs.replicas:
             die(f"--resume: {self.folder.checkpoint} was written mid-epoch by {self.partial['replicas']} "
                 f"data-parallel processes; resume it with as many")

@@ -228,7 +228,7 @@ def build_aux(args, net, modules, data):
     if not imagenet and any(min(hw) < 2 for _, *hw in ends):
         common.die(f"the patch decoder needs feature maps of at least 2 x 2; use larger images than {data.image_size}")
     schedule = lambda_schedule(args.lambdas, k)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0 and not args.quiet:
         print(f"hpff: {len(schedule)} windows of 2 modules{' (ImageNet: cascaded only)' if imagenet else ''}; "
               f"(lambda1, lambda2) per window: {' '.join(f'({a:.4g}, {b:.4g})' for a, b in schedule)}", flush=True)
     windows = []

@@ -232,7 +232,7 @@ def build_aux(args, net, modules, data):
         common.die(f"--lambdas takes 4 weights >= 0 (IXX_1 IXY_1 IXX_2 IXY_2), got {args.lambdas}")
     args.loss, args.lambdas = loss, list(lambdas)  # the values used, for args.json and --resume
     schedule = lambda_schedule(lambdas, len(modules))
-    if schedule and int(os.environ.get("RANK", 0)) == 0:
+    if schedule and int(os.environ.get("RANK", 0)) == 0 and not args.quiet:
         print(f"infopro: --loss {loss}, (ixx_1, ixy_1, ixx_2, ixy_2) = ({', '.join(f'{w:g}' for w in lambdas)}) "
               f"from {source}; (lambda1, lambda2) per local module: {' '.join(f'({a:g}, {b:g})' for a, b in schedule)}",
               flush=True)

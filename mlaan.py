@@ -359,7 +359,7 @@ def build_aux(args, net, modules, data):
         for m in (*net.modules(), *aux.modules()):  # the backbone, the leap and the EMA copies
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0 and not args.quiet:
         print(f"mlaan: base {args.base}, {len(windows)} windows of {c} modules, EMA decay {args.ema_decay}, "
               f"leap paths from {source}", flush=True)
     return aux

@@ -178,11 +178,20 @@ def test_args_json_holds_the_values_used_and_resume_compares_them(tmp_path):
     (["--lr", "0"], "--lr must be a positive number"),
     (["--weight-decay", "-1"], "--weight-decay must be at least 0"),
     (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--weight-decay", "1e9"], "--weight-decay must be below 1"),
+    (["--momentum", "1"], "--momentum must be below 1"),
 ])
 def test_bad_numbers_are_refused(args, needle):
     with pytest.raises(SystemExit) as e:
         common.parse_args([*TINY, *args], "", "dgl", 16, 160)
     one_line_error(e, needle)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cpu:5", "cuda:x"])
+def test_unknown_devices_are_refused(tmp_path, device):
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", tmp_path / "run", "--device", device)
+    one_line_error(e, f"--device {device}", "use cpu, cuda or cuda:N")
 
 
 @pytest.mark.slow
@@ -237,6 +246,41 @@ def test_half_written_metrics_line_and_temporary_files_are_dropped(after_epoch_1
     summary = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
     assert [l["epoch"] for l in read_jsonl(out / "metrics.jsonl")] == [1, 2] and summary["steps"] == 6
     assert not glob.glob(str(out / "*.tmp*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line", ["[1, 2, 3]", '{"lr": 1}'])
+def test_a_metrics_line_that_is_not_an_epoch_is_one_line(after_epoch_1, tmp_path, line):
+    run = copy_run(after_epoch_1, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", run, *AFTER_EPOCH_1, "--resume")
+    one_line_error(e, "metrics.jsonl line 2 is not an epoch's entry")
+
+
+@pytest.mark.slow
+def test_resuming_a_complete_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny("dgl", out, "--k", "2", "--epochs", "1")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", out, "--k", "2", "--epochs", "1", "--resume")
+    assert e.value.code in (0, None)
+    assert capsys.readouterr().out.strip().endswith("the run is complete (1 epochs, 2 steps); nothing to resume")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+@pytest.mark.slow
+def test_quiet_prints_only_the_json_lines_and_short_schedules_are_noted(tmp_path, capsys):
+    run_script("infopro", tmp_path / "quiet", "--k", "2", "--epochs", "1", "--subset", "64", "--quiet")
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("{") for line in out), out  # no lambda line, no start line
+    run_script("dgl", tmp_path / "short", "--k", "2", "--epochs", "2", "--subset", "64")
+    assert "note: 2 of the 2 epochs train at lr 0.01 (the warm-up's start) or 0" in capsys.readouterr().out
+    run_script("dgl", tmp_path / "long", "--k", "2", "--epochs", "4", "--subset", "64", "--steps", "1")
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_out_that_is_a_file(tmp_path):
