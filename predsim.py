@@ -48,7 +48,8 @@ Differences from the official code (ChenxiangMA/AugLocal, --rule PredSim):
   for them): one layer per module by default, as the original PredSim trains every layer locally
   (K=9 on ResNet-18, 17 on ResNet-34 and -50, 34 on ResNet-101 and ResNeXt-101, 51 on ResNet-152, 10
   on VGG-13), the same two heads (the pool stops at a 1 x 1 map, so the pred head's input is C there),
-  and the shared ImageNet protocol (90 epochs, batch 1024, lr 0.4).
+  and the shared ImageNet protocol (90 epochs, batch 1024, lr 0.4). The C -> C sim convs make the
+  heads large on Bottleneck networks: 336M aux parameters on ResNet-101 (8.0M on ResNet-18).
 """
 import functools
 import math

@@ -68,8 +68,8 @@ def test_aux_parameters_equal_the_official_model(arch, k, size):
     modules, aux = official_aux(arch, k, size)
     assert len(aux) == k - 1
     assert common.count_params(aux) == AUX_PARAMS[arch, k, size]
-    if k == len(modules[0]) + len(modules) - 1:  # one layer per module: the official split
-        assert modules == [[i] for i in range(k - 1)] + [[k - 1]]
+    if k == {"resnet32": 16, "resnet110": 55}[arch]:  # the published split: one layer per module
+        assert modules == [[i] for i in range(k)]
     # the Linear keeps PyTorch's default init (the original PredSim code zero-initialises it)
     assert aux[0].pred[-1].weight.abs().sum() > 0
     assert abs(aux[0].sim.weight.std().item() - (2 / (9 * 16)) ** 0.5) < 0.02  # the official conv init
@@ -160,16 +160,17 @@ def test_each_backward_reaches_only_its_own_module_and_heads():
         own = [p for p, j in owners.items() if j == i]
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own if p.dim() > 1), i
     # Changing later heads leaves the gradients of earlier modules untouched.
-    before = [p.grad.clone() for i in (0, 1, 2) for p in module_params(net, modules[i])]
+    before = [[p.grad.clone() for p in module_params(net, layers)] for layers in modules[:4]]
     for p in [*net.parameters(), *aux.parameters()]:
         p.grad = None
     with torch.no_grad():
         for p in [*aux[3].parameters(), *aux[9].parameters(), *net.head.parameters()]:
             p.mul_(1.5)
     train_step(predsim, net, modules, aux, args, x, y)
-    after = [p.grad for i in (0, 1, 2) for p in module_params(net, modules[i])]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert not torch.equal(aux[3].sim.weight.grad, aux[3].sim.weight.grad * 0)
+    after = [[p.grad for p in module_params(net, layers)] for layers in modules[:4]]
+    for i in (0, 1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(before[i], after[i])), i
+    assert not all(torch.equal(a, b) for a, b in zip(before[3], after[3]))  # the check can fail
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
