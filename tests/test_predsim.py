@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import predsim
-from conftest import QUICK, build_method, module_params, run_script, train_step
+from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, train_step
 
 
 def build(k=4, arch="resnet32", *extra):
@@ -202,11 +202,25 @@ def test_imagenet_networks_default_to_one_layer_per_module():
 
 
 @pytest.mark.slow
-def test_per_module_backward_keeps_activation_memory_low(tmp_path):
-    bp_summary = run_script("bp", tmp_path / "bp", "--steps", "1", "--subset", "64")
-    ps = run_script("predsim", tmp_path / "ps", "--steps", "1", "--subset", "64")  # K=16, the published split
-    assert ps["params"] == {"backbone": 466_906, "aux": 284_310}
-    assert ps["act_mem_bytes"] < 0.5 * bp_summary["act_mem_bytes"]
+def test_per_module_backward_keeps_activation_memory_low():
+    """The published split (K=16) holds well under half of what end-to-end backprop holds, and a
+    single backward of the summed losses would lose the saving."""
+    args, data, net, modules, aux = build(16)
+    bp_args = build_method("bp", *QUICK, "--subset", "64", "--k", "1", data=data)[0]
+    x, y = batch(data, 64)
+
+    def summed():
+        losses, h = [], x
+        for i in range(len(modules)):
+            h, loss, _ = predsim.local_step(net, modules, aux, args, i, h, x, y)
+            losses.append(loss)
+            h = h.detach()
+        sum(losses).backward()
+
+    local = saved_tensor_peak([net, aux], lambda: train_step(predsim, net, modules, aux, args, x, y))
+    end_to_end = saved_tensor_peak([net], lambda: train_step("bp", net, [list(range(16))], None, bp_args, x, y))
+    assert local < 0.5 * end_to_end
+    assert local < 0.5 * saved_tensor_peak([net, aux], summed)
 
 
 @pytest.mark.slow
@@ -222,5 +236,7 @@ def test_pipeline_equals_sequential_training(tmp_path):
 
 @pytest.mark.slow
 def test_predsim_learns_on_synthetic(tmp_path):
-    summary = run_script("predsim", tmp_path / "run", "--k", "4", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
-    assert summary["final_test_acc"] > 0.7  # chance is 0.1
+    summary = run_script("predsim", tmp_path / "run", "--k", "2", "--subset", "1024", "--epochs", "4", "--lr", "0.1")
+    # chance is 0.1; measured 0.99 (K=4: 0.76, slower: the pred heads, at weight 0.01, stay near chance,
+    # and the channel-std similarity alone makes the features learn slowly)
+    assert summary["final_test_acc"] > 0.7
