@@ -15,11 +15,11 @@ the network's own head (cross-entropy, weight 1). Inference is the plain backbon
     python predsim.py --dataset cifar10 --arch resnet110 --k 55     # the published ResNet-110 run
     torchrun --nproc_per_node=4 predsim.py --dataset cifar10 --arch resnet110 --k 55 --pipeline
 
-The published runs (AugLocal's run.sh with --rule PredSim, the PredSim rows of AugLocal, MAN, HPFF
-and MLAAN) train one layer per module, the stem alone first: K=16 on ResNet-32 (the default here)
-and K=55 on ResNet-110, for 400 epochs (the default) with the shared protocol (batch 1024, lr 0.8;
-STL-10 128, 0.1). Other K use the shared splits (README, Protocol); the heads go on each module's
-last layer.
+The official commands (AugLocal's run.sh, --rule PredSim; its PredSim baseline rows) train one
+layer per module, the stem alone first: K=16 on ResNet-32 (the default here) and K=55 on
+ResNet-110, the last module being the last block and the head, for 400 epochs (the default) with
+the shared protocol (batch 1024, lr 0.8; STL-10 128, 0.1). Other K use the shared splits (README,
+Protocol); the heads go on each module's last layer.
 
 The similarity loss is a function of the whole batch (its B x B matrices; the MSE averages B^2
 entries, so the batch size also sets its scale). Module-parallel training (--pipeline) keeps each
