@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = [s for s in ("bp", "infopro", "auglocal", "contsup", "mlaan") if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
+SCRIPTS = [s for s in ("bp", "infopro", "auglocal", "contsup", "mlaan", "man") if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
 ALLOWED = [r"^\s+args = common\.parse_args\(", r"^\s+imagenet=dict\(", r"^\s+no_pipeline=NO_PIPELINE\)$",
            r"^import |^from "]
 ALLOWED_FOR = {"contsup": [r"context", r"model = nn\.ModuleDict\(", r"common\.evaluate\("]}  # its encoders infer too
@@ -42,9 +42,10 @@ def test_script_has_marked_method_section_and_main(name):
 # Each script's defaults: the paper's K and epochs, and the ImageNet recipe where it is not InfoPro's.
 DEFAULTS = {"dgl": '"dgl", k=16, epochs=160', "bp": '"bp", k=1, epochs=160', "infopro": '"infopro", k=16, epochs=160',
             "auglocal": '"auglocal", k=16, epochs=400', "contsup": '"contsup", k=16, epochs=160',
-            "mlaan": '"mlaan", k=16, epochs=400'}
+            "mlaan": '"mlaan", k=16, epochs=400', "man": '"man", k=16, epochs=400'}
 IMAGENET = {"dgl": "imagenet=dict(epochs=50, batch_size=256, lr=0.1)", "auglocal": "imagenet=dict(epochs=200, k=IMAGENET_K)",
-            "mlaan": "imagenet=dict(epochs=150, batch_size=128, lr=0.05)"}
+            "mlaan": "imagenet=dict(epochs=150, batch_size=128, lr=0.05)",
+            "man": "imagenet=dict(epochs=90, batch_size=128, lr=0.05)"}
 
 
 @pytest.mark.parametrize("name", ["dgl", *SCRIPTS])
