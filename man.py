@@ -16,7 +16,7 @@ width and resolution. `--loss contrast` uses SupCon (128-d, temperature 0.07) in
 last module trains on the network's own head; one optimizer step per batch. Inference is the plain
 backbone.
 
-    python man.py --dataset synthetic --arch resnet32 --k 8           # CPU, a few minutes
+    python man.py --dataset synthetic --arch resnet32 --k 8           # CPU, about 5 minutes
     python man.py --dataset cifar10 --arch resnet32 --k 15            # the paper's ResNet-32 "K=16"
     python man.py --dataset cifar10 --arch resnet110 --k 54           # the paper's ResNet-110 "K=55"
     torchrun --nproc_per_node=8 man.py --dataset imagenet --data-dir DIR --arch resnet152 --k 2
