@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = [s for s in ("bp", "infopro", "auglocal", "contsup", "mlaan", "predsim", "hpff")
+SCRIPTS = [s for s in ("bp", "infopro", "auglocal", "contsup", "mlaan", "predsim", "man", "hpff")
            if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
 ALLOWED = [r"^\s+args = common\.parse_args\(", r"^\s+imagenet=dict\(", r"^\s+no_pipeline=NO_PIPELINE\)$",
            r"^import |^from "]
@@ -44,9 +44,10 @@ def test_script_has_marked_method_section_and_main(name):
 DEFAULTS = {"dgl": '"dgl", k=16, epochs=160', "bp": '"bp", k=1, epochs=160', "infopro": '"infopro", k=16, epochs=160',
             "auglocal": '"auglocal", k=16, epochs=400', "contsup": '"contsup", k=16, epochs=160',
             "mlaan": '"mlaan", k=16, epochs=400', "predsim": '"predsim", k=16, epochs=400',
-            "hpff": '"hpff", k=15, epochs=400'}
+            "man": '"man", k=15, epochs=400', "hpff": '"hpff", k=15, epochs=400'}
 IMAGENET = {"dgl": "imagenet=dict(epochs=50, batch_size=256, lr=0.1)", "auglocal": "imagenet=dict(epochs=200, k=IMAGENET_K)",
             "mlaan": "imagenet=dict(epochs=150, batch_size=128, lr=0.05)", "predsim": "imagenet=dict(k=IMAGENET_K)",
+            "man": "imagenet=dict(epochs=90, batch_size=128, lr=0.05)",
             "hpff": "imagenet=dict(epochs=90, batch_size=128, lr=0.05)"}
 
 
