@@ -275,7 +275,7 @@ def build_aux(args, net, modules, data):
     sources = [m[-1] + 1 for m in modules[:-1]]  # the first layer of the next module
     stages = [1 + round(math.log2(shapes[1][1] / shapes[j][1])) for j in sources]  # by resolution
     schedule = lambda_schedule(lambdas, stages, code_module_count(modules))
-    if schedule and int(os.environ.get("RANK", 0)) == 0:
+    if schedule and int(os.environ.get("RANK", 0)) == 0 and not args.quiet:
         print(f"man: --loss {args.loss}, --ema-decay {args.ema_decay:g}, (ixx_1, ixy_1, ixx_2, ixy_2) = "
               f"({', '.join(f'{w:g}' for w in lambdas)}), K_code {code_module_count(modules)}; (lambda1, lambda2) "
               f"per local module: {' '.join(f'({a:.4g}, {b:.4g})' for a, b in schedule)}", flush=True)
