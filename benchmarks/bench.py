@@ -14,6 +14,7 @@ compute relative to bp.py, for the same arch, dataset shape, batch and precision
     python benchmarks/bench.py --preset contsup        # ContSup R0/E/R1/R1E, ResNet-32 K=8/16
     python benchmarks/bench.py --preset imagenet       # ResNet-101 K=2 InfoPro*, ResNet-34 AugLocal, 128/GPU
     python benchmarks/bench.py --preset pipeline --pipeline 2 --steps 24 --device cpu  # module-parallel speed-up
+    python benchmarks/bench.py --preset predsim        # PredSim / MAN / HPFF at their published K (also: man, hpff)
 
 A case is METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], OPTIONS being the script's own flags joined by
 commas, e.g. infopro:resnet110:2:cifar10:1024:--split=balanced. A bp.py case is added for every
@@ -34,8 +35,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run_in_process imports the method scripts
-METHODS = ("bp", "dgl", "infopro", "auglocal", "contsup", "mlaan")
-LOCAL = METHODS[1:]
+METHODS = ("bp", "dgl", "infopro", "auglocal", "contsup", "mlaan", "predsim", "man", "hpff")
+LOCAL = METHODS[1:6]  # the GPU kit's methods (the six of the seed papers); predsim, man and hpff have presets
 PRESETS = {  # the README's GPU table (issue: speed and memory side by side)
     "gpu": [f"{m}:resnet32:16:cifar10:1024" for m in LOCAL]
            + [f"{m}:resnet110:{k}:cifar10:1024" for k in (16, 55) for m in LOCAL]
@@ -43,10 +44,14 @@ PRESETS = {  # the README's GPU table (issue: speed and memory side by side)
     "infopro-star": [f"infopro:resnet110:{k}:cifar10:1024:--split=balanced" for k in (2, 3, 4)],
     "contsup": [f"contsup:resnet32:{k}:cifar10:1024:--context={c}" for k in (8, 16) for c in ("R0", "E", "R1", "R1E")],
     "imagenet": ["infopro:resnet101:2:imagenet:128:--split=balanced", "auglocal:resnet34:17:imagenet:128"],
+    # The published configurations of the three methods MLAAN and AugLocal's tables compare with.
+    "predsim": ["predsim:resnet32:16:cifar10:1024", "predsim:resnet110:55:cifar10:1024", "predsim:resnet110:16:stl10:128"],
+    "man": ["man:resnet32:15:cifar10:1024", "man:resnet110:54:cifar10:1024", "infopro:resnet32:16:cifar10:1024"],
+    "hpff": ["hpff:resnet32:15:cifar10:1024", "hpff:resnet110:54:cifar10:1024", "hpff:resnet110:16:stl10:128"],
     "ci": ["bp:resnet32:1:cifar10:32", "dgl:resnet32:4:cifar10:32"],
     # Module-parallel training, with --pipeline P: one process against P pipelined stages, a thread each.
     "pipeline": [f"{m}:resnet32:{k}:cifar10:256" for m, k in (("dgl", 2), ("dgl", 4), ("infopro", 4), ("auglocal", 4),
-                                                                ("dgl", 16), ("infopro", 16))],
+                                                                ("predsim", 4), ("dgl", 16), ("infopro", 16))],
 }
 
 
