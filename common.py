@@ -993,6 +993,10 @@ class Processes:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         if self.world > 1:
+            # Imported before the group exists: the first step's FlopCounterMode imports torch._dynamo,
+            # and imported after init_process_group it keeps a reference to the group, so that
+            # destroy_process_group no longer ends its gloo threads (see close).
+            import torch._dynamo as _  # noqa: F401
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
         if args.pipeline and self.world < 2:
@@ -1049,9 +1053,10 @@ class Processes:
         return max((g - gathered[0]).abs().max().item() for g in gathered)
 
     def close(self):
-        """All processes leave together: a rank that tore its connections down while another still
-        worked (rank 0 writing the summary) sometimes aborted a gloo process at exit (about 1 in 20
-        3-stage pipeline runs on a loaded CPU; none in 42 with the barrier)."""
+        """All processes leave together, once each has finished (and dropped) every communication it
+        started (StopRequest.settle, the stages' flush): gloo threads left alive into interpreter
+        shutdown, by a work object or by the group itself, sometimes aborted a process that had
+        written its results (SIGABRT, "terminate called without an active exception")."""
         if self.world > 1:
             dist.barrier()
             dist.destroy_process_group()
@@ -1425,9 +1430,17 @@ class StopRequest:
             print(f"stopped by {sig.name} after step {steps}: {saved}; run the same command with --resume to "
                   f"continue", file=sys.stderr, flush=True)
         self.restore()
+        self.settle()
         self.procs.close()
         RunFolder.unlock()
         raise SystemExit(128 + sig)
+
+    def settle(self):
+        """Wait for the vote under way and drop it: a work object alive at destroy_process_group keeps
+        the group's connections and their gloo thread alive."""
+        if self._vote is not None:
+            self._vote[0].wait()
+            self._vote = None
 
     def requested(self, steps, now=False):
         """Whether to stop after this step. A plain flag in one process; under torchrun every
@@ -1659,6 +1672,8 @@ class Run:
             print(json.dumps({k: summary[k] for k in ("method", "k", "final_test_acc", "best_test_acc",
                                                       "act_mem_bytes", "peak_mem_bytes", "images_per_s")}))
         self.stop.restore()
+        self.stop.settle()
+        self.stages.flush()
         self.procs.close()
         RunFolder.unlock()
         return summary
