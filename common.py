@@ -1246,7 +1246,7 @@ class RunFolder:
     _locked = []  # the lock file this process holds, if any
 
     def __init__(self, args, procs):
-        self.args, self.main = args, procs.main
+        self.args, self.procs, self.main = args, procs, procs.main
         self.checkpoint = os.path.join(args.out, "checkpoint.pt")
         self.metrics = os.path.join(args.out, "metrics.jsonl")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -1301,6 +1301,13 @@ class RunFolder:
             die(f"--resume: cannot read {self.checkpoint} ({type(e).__name__}): the file is damaged; restore a "
                 f"copy, or delete it to start the run again")
         self._check_same_run(ckpt["args"])
+        if ckpt["epoch"] >= self.args.epochs and ckpt.get("partial") is None:  # nothing left: change nothing
+            if self.main:
+                print(f"{self.args.out}: the run is complete ({ckpt['epoch']} epochs, {ckpt['steps']} steps); "
+                      f"nothing to resume", flush=True)
+            self.procs.close()
+            RunFolder.unlock()
+            raise SystemExit(0)
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -1480,14 +1487,24 @@ class Progress:
 
     def __init__(self, args, main, steps_per_epoch, k, last_module, steps):
         self.args, self.on, self.k, self.last_module = args, main and not args.quiet, k, last_module
-        self.total = steps_per_epoch * args.epochs
+        self.steps_per_epoch, self.total = steps_per_epoch, steps_per_epoch * args.epochs
         self.total = min(self.total, args.steps or self.total)
         self.t_start = time.perf_counter()
         self._line = (self.t_start, steps)  # (time, steps) of the last line
 
-    def say(self, text):
-        if self.on:
-            print(text, flush=True)
+    def start(self, images, params, start_epoch, world, device):
+        """The start line, and a note when most epochs would train at lr 0.01 or 0."""
+        if not self.on:
+            return
+        a = self.args
+        print(f"{a.method}: {a.dataset} ({images:,} training images, {self.steps_per_epoch} steps per epoch), {a.arch} "
+              f"in K={a.k} modules, {params:,} parameters, epochs {start_epoch}-{a.epochs} on {world} x {device}, "
+              f"output in {a.out}", flush=True)
+        idle = sum((e == 1 and a.warmup_epochs > 0) or lr_at(e, a) == 0 for e in range(1, a.epochs + 1))
+        if 2 * idle > a.epochs:
+            print(f"note: {idle} of the {a.epochs} epochs train at lr 0.01 (the warm-up's start) or 0 (the cosine "
+                  f"ends at 0 in the last epoch, as in the official codes); use more --epochs for a run that learns",
+                  flush=True)
 
     def update(self, epoch, steps, process_steps, meter):
         now = time.perf_counter()
@@ -1552,15 +1569,7 @@ class Run:
             self.folder.write_args()
         self.stop.catch()
         self.progress = Progress(args, self.main, self.steps_per_epoch, self.k, self.stages.own[-1], self.steps)
-        self.progress.say(f"{args.method}: {args.dataset} ({data.num_train:,} training images, {self.steps_per_epoch} "
-                          f"steps per epoch), {args.arch} in K={args.k} modules, {count_params(model):,} parameters, "
-                          f"epochs {self.start_epoch}-{args.epochs} on {self.procs.world} x {self.device}, output in "
-                          f"{args.out}")
-        idle = sum((e == 1 and args.warmup_epochs > 0) or lr_at(e, args) == 0 for e in range(1, args.epochs + 1))
-        if 2 * idle > args.epochs:
-            self.progress.say(f"note: {idle} of the {args.epochs} epochs train at lr 0.01 (the warm-up's start) or 0 "
-                              f"(the cosine ends at 0 in the last epoch, as in the official codes); use more --epochs "
-                              f"for a run that learns")
+        self.progress.start(data.num_train, count_params(model), self.start_epoch, self.procs.world, self.device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         if args.compile:
@@ -1573,13 +1582,6 @@ class Run:
         self.acc, self.partial = ckpt["test_acc"], ckpt.get("partial")
         self.measure.elapsed_before = ckpt.get("elapsed_s", 0.0)
         self.measure.load(ckpt.get("measured", {}))
-        if ckpt["epoch"] >= self.args.epochs and self.partial is None:  # nothing left: change nothing
-            if self.main:
-                print(f"{self.args.out}: the run is complete ({ckpt['epoch']} epochs, {self.steps} steps); nothing "
-                      f"to resume", flush=True)
-            self.procs.close()
-            RunFolder.unlock()
-            raise SystemExit(0)
         if self.partial is not None and self.partial["replicas"] != self.procs.replicas:
             die(f"--resume: {self.folder.checkpoint} was written mid-epoch by {self.partial['replicas']} "
                 f"data-parallel processes; resume it with as many")
