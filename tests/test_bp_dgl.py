@@ -123,7 +123,7 @@ def test_k1_local_training_equals_bp(tmp_path):
 def test_outputs(tmp_path):
     out = tmp_path / "run"
     summary = run_script("dgl", out, "--k", "4", "--epochs", "2")
-    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pt", "metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint.pt", "metrics.jsonl", "summary.json"]
     assert read_json(out / "summary.json") == summary
     assert summary["modules"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
     assert summary["params"] == {"backbone": 466_906, "aux": 14_378 + 54_858 + 214_154}
