@@ -1300,7 +1300,11 @@ class RunFolder:
         except Exception as e:  # truncated, or not a checkpoint at all
             die(f"--resume: cannot read {self.checkpoint} ({type(e).__name__}): the file is damaged; restore a "
                 f"copy, or delete it to start the run again")
-        self._check_same_run(ckpt["args"])
+        if "args" in ckpt:
+            self._check_same_run(ckpt["args"])
+        else:  # written before checkpoints carried their arguments
+            with open(os.path.join(self.args.out, "args.json")) as f:
+                self._check_same_run(json.load(f))
         if ckpt["epoch"] >= self.args.epochs and ckpt.get("partial") is None:  # nothing left: change nothing
             if self.main:
                 print(f"{self.args.out}: the run is complete ({ckpt['epoch']} epochs, {ckpt['steps']} steps); "

@@ -159,7 +159,9 @@ def test_args_json_holds_the_values_used_and_resume_compares_them(tmp_path):
     tiny("auglocal", out, "--k", "4", "--epochs", "1")
     saved = read_json(out / "args.json")
     assert (saved["aux_depth"], saved["pyramid_coeff"], saved["device"]) == (2, 0.5, "cpu")
-    tiny("auglocal", out, "--k", "4", "--epochs", "1", "--aux-depth", "2", "--resume")  # the default, explicit
+    with pytest.raises(SystemExit) as e:  # the default, explicit: accepted (and the complete run left as it is)
+        tiny("auglocal", out, "--k", "4", "--epochs", "1", "--aux-depth", "2", "--resume")
+    assert e.value.code == 0
     with pytest.raises(SystemExit) as e:
         tiny("auglocal", out, "--k", "4", "--epochs", "1", "--aux-depth", "1", "--resume")
     one_line_error(e, "has --aux-depth 2, not 1")
@@ -473,7 +475,10 @@ def test_resume_keeps_the_measurements(after_epoch_1, tmp_path):
     out = copy_run(after_epoch_1, tmp_path)
     resumed = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
     assert resumed["act_mem_bytes"] > 0 and resumed["images_per_s"] > 0
-    again = tiny("dgl", out, *AFTER_EPOCH_1, "--resume")  # a finished run: nothing to train
+    with pytest.raises(SystemExit) as e:  # a finished run: nothing to train, nothing rewritten
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    assert e.value.code == 0
+    again = read_json(out / "summary.json")
     keys = ("act_mem_bytes", "images_per_s", "steps")
     assert {k: again[k] for k in keys} == {k: resumed[k] for k in keys}
 

@@ -110,6 +110,6 @@ def test_gpu_kit_dry_run(tmp_path):
 def test_benchmark_docstring_commands_are_whole_lines():
     # a backslash continuation inside the docstring joins the lines with a run of spaces in --help
     commands = [line.split("#")[0].strip() for line in bench.__doc__.splitlines() if line.strip().startswith("python")]
-    assert len(commands) == 7 and not any("  " in c or "\\" in c for c in commands), commands
+    assert len(commands) == 8 and not any("  " in c or "\\" in c for c in commands), commands
     cases = [c.split("--cases ")[1].split(" --")[0].split() for c in commands if "--cases" in c]
     assert cases and all(bench.parse_case(case) for case in cases[0])
