@@ -1566,7 +1566,6 @@ class Run:
                 f"--batch-size or more images (--subset)")
         self.step, self.k = step, len(modules)
         self.stages = (Pipeline if args.pipeline else OneStage)(self.procs, args, model, data, modules, step)
-        self.measure.watch(model.parameters(), data.resident_bytes)
         if args.resume:
             self._resume(model, opt)
         else:
@@ -1578,6 +1577,7 @@ class Run:
             model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         if args.compile:
             compile_pieces(model)
+        self.measure.watch(model.parameters(), data.resident_bytes)  # the parameters as they train
         return range(self.start_epoch, args.epochs + 1)
 
     def _resume(self, model, opt):
