@@ -6,9 +6,9 @@ activation memory held for backward), memory relative to bp.py, images/s and tim
 relative to bp.py, training FLOPs per image (forward and every backward, counted exactly) and
 compute relative to bp.py, for the same arch, dataset shape, batch and precision.
 
-    python benchmarks/bench.py --preset gpu --out benchmarks/results.md        # the README table
-    python benchmarks/bench.py --cases dgl:resnet32:4:cifar10:64 --steps 4 --device cpu   # a CPU smoke run
-    python benchmarks/bench.py --preset gpu --extra "--bf16 --channels-last"
+    python benchmarks/bench.py --preset gpu --out benchmarks/fp32.md          # the README table
+    python benchmarks/bench.py --preset gpu --extra "--bf16 --channels-last" --out benchmarks/bf16.md
+    python benchmarks/bench.py --cases dgl:resnet32:4:cifar10:32 --steps 4 --device cpu   # a CPU smoke run
 
     python benchmarks/bench.py --preset infopro-star   # InfoPro* Table 3 (ResNet-110, balanced K=2,3,4)
     python benchmarks/bench.py --preset contsup        # ContSup R0/E/R1/R1E, ResNet-32 K=8/16
