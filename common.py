@@ -23,6 +23,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import glob
 import json
@@ -370,6 +371,8 @@ def read_raw_dataset(name, data_dir):
     """Read a small dataset from its native files under data_dir, downloading it through
     torchvision's dataset class when missing. Returns ((train_x, train_y), (test_x, test_y)), NCHW uint8."""
     files, reader, tv_class, tv_splits = RAW_FILES[name]
+    if os.path.isfile(data_dir):
+        die(f"--data-dir {data_dir} is a file, not a folder; pass the folder that holds (or will hold) the dataset")
     if not all(os.path.exists(os.path.join(data_dir, f)) for f in files):
         try:
             import torchvision
@@ -1380,8 +1383,10 @@ def writing(path, tmp=None):
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "write failed"
-        die(f"cannot write {path} ({reason}); free disk space or choose a writable --out")
+        if isinstance(e, OSError) and e.strerror and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            die(f"cannot write {path} ({e.strerror}); choose a writable --out")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "write failed"  # torch's: a full disk
+        die(f"cannot write {path} ({reason}); free disk space or choose another --out")
 
 
 def atomic_write_text(path, text):
