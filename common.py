@@ -1506,8 +1506,9 @@ class Progress:
         if not self.on:
             return
         a = self.args
+        modules = f"K={a.k} modules" + (f" ({self.k} trained: merged as the method does)" if self.k != a.k else "")
         print(f"{a.method}: {a.dataset} ({images:,} training images, {self.steps_per_epoch} steps per epoch), {a.arch} "
-              f"in K={a.k} modules, {params:,} parameters, epochs {start_epoch}-{a.epochs} on {world} x {device}, "
+              f"in {modules}, {params:,} parameters, epochs {start_epoch}-{a.epochs} on {world} x {device}, "
               f"output in {a.out}", flush=True)
         idle = sum((e == 1 and a.warmup_epochs > 0) or lr_at(e, a) == 0 for e in range(1, a.epochs + 1))
         if 2 * idle > a.epochs:

@@ -143,3 +143,13 @@ def test_a_real_run(runs, tmp_path):
     assert real["final acc"] == f"{100 * summary['final_test_acc']:.1f}%"
     assert real["act / bp"] == f"{summary['act_mem_bytes'] / 200e6:.2f}"
     assert out.read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
+def test_k_beside_the_modules_trained_where_the_method_merges(tmp_path, capsys):
+    """auglocal.py at K=16 on ResNet-32 trains 14 modules (the K-d merge): the start line and the table say so."""
+    summary = run_script("auglocal", tmp_path / "run", "--steps", "1", "--epochs", "1")
+    assert summary["k"] == 16 and len(summary["modules"]) == 14
+    assert "in K=16 modules (14 trained: merged as the method does)" in capsys.readouterr().out
+    assert compare.load_run(str(tmp_path / "run"))["k"] == "16 (14)"
+    assert compare.k_trained(4, {"modules": [[0], [1], [2], [3]]}) == 4

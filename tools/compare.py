@@ -79,6 +79,12 @@ def file_times_elapsed(folder):
     return max(stamps.values()) - stamps["args.json"]
 
 
+def k_trained(k, summary):
+    """K as asked, and the modules trained where they differ (AugLocal's K-d merge: '16 (14)')."""
+    modules = summary.get("modules")
+    return f"{k} ({len(modules)})" if modules and k is not None and len(modules) != k else k
+
+
 def load_run(folder):
     """One run as a flat dict; the summary wins over args.json, the last epoch line fills in."""
     args = read_json(os.path.join(folder, "args.json"))
@@ -94,7 +100,7 @@ def load_run(folder):
 
     return {
         "run": os.path.basename(os.path.normpath(folder)), "finished": bool(summary), "epoch_lines": epochs,
-        "method": get("method"), "dataset": get("dataset"), "arch": get("arch"), "k": get("k"),
+        "method": get("method"), "dataset": get("dataset"), "arch": get("arch"), "k": k_trained(get("k"), summary),
         "batch": get("batch_size"), "epochs": args.get("epochs", summary.get("epochs")), "done": last.get("epoch"),
         "final": summary.get("final_test_acc", last.get("test_acc")),
         "best": summary.get("best_test_acc", last.get("best_test_acc")),
