@@ -79,8 +79,6 @@ import common
 # ================================= METHOD: HPFF ===================================================
 import os  # the method's own imports: the lines above the METHOD section are shared by all scripts
 
-import torch
-
 # --pipeline is refused with this reason:
 NO_PIPELINE = ("each window trains two consecutive modules under one loss, so a stage would have to send "
                "gradients back to the stage before it every step")
@@ -118,7 +116,8 @@ class Head2c2f(nn.Module):
         self.convs = nn.Sequential(nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
                                    nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, 1, 1, bias=False),
                                    nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.fc = nn.Sequential(nn.Linear(width, FEATURE_DIM), nn.ReLU(inplace=True), nn.Linear(FEATURE_DIM, num_classes))
+        self.fc = nn.Sequential(nn.Linear(width, FEATURE_DIM), nn.ReLU(inplace=True),
+                                nn.Linear(FEATURE_DIM, num_classes))
 
     def forward(self, h):
         return self.fc(self.convs(h).mean((2, 3)))

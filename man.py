@@ -240,7 +240,8 @@ def method_args(parser):
     parser.add_argument("--loss", default="ce", type=loss_mode,
                         help="estimator of I(y, label): ce (the README's) | contrast (SupCon, 128-d, tau 0.07)")
     parser.add_argument("--ema-decay", type=ema_decay, default=EMA_DECAY, metavar="M",
-                        help=f"decay m of the EMA copies of the next blocks, all updated every step (default {EMA_DECAY})")
+                        help=f"decay m of the EMA copies of the next blocks, all updated every step "
+                        f"(default {EMA_DECAY})")
     parser.add_argument("--lambdas", type=float, nargs="+", default=None, metavar="W",
                         help="IXX_1 IXY_1 IXX_2 IXY_2: the loss weights, interpolated by the stage of the next "
                         "block; default: the README's 5 0.5 0 0 (imagenet: 5 0.75 5 0.75, the official constants)")
