@@ -105,6 +105,11 @@ def test_a_cut_short_last_line_is_skipped(runs):
 def test_not_a_run_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*is not a run folder.*e\.g\. runs/\*$"):
         compare.main([str(tmp_path)])
+    os.makedirs(tmp_path / "failed")  # a start that failed before its first step: not a run
+    (tmp_path / "failed" / "metrics.jsonl").write_text("")
+    (tmp_path / "failed" / ".lock").write_text("process 1 on here\n")
+    with pytest.raises(SystemExit, match=r"^error: no run folders in .*"):
+        compare.main([str(tmp_path / "*")])
     with pytest.raises(SystemExit, match=r"^error: no run folders in .*nothing\*"):
         compare.main([str(tmp_path / "nothing*")])
 

@@ -52,7 +52,12 @@ def read_metrics(path):
 
 
 def is_run(folder):
-    return any(os.path.exists(os.path.join(folder, name)) for name in ("args.json", "metrics.jsonl", "summary.json"))
+    """A folder a script wrote: its arguments, an epoch or a summary. A start that failed before its
+    first step (missing data, a bad argument) leaves only an empty metrics.jsonl: not a run."""
+    path = lambda name: os.path.join(folder, name)
+    metrics = path("metrics.jsonl")
+    return (os.path.exists(path("args.json")) or os.path.exists(path("summary.json"))
+            or os.path.exists(metrics) and os.path.getsize(metrics) > 0)
 
 
 def find_runs(patterns):
@@ -61,8 +66,8 @@ def find_runs(patterns):
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not glob.has_magic(pattern) and not is_run(pattern):
-            die(f"{pattern} is not a run folder (no args.json, metrics.jsonl or summary.json): pass folders "
-                f"that a script wrote with --out, e.g. runs/*")
+            die(f"{pattern} is not a run folder (no args.json, epoch in metrics.jsonl or summary.json): pass "
+                f"folders that a script wrote with --out, e.g. runs/*")
         folders += [m for m in matches if os.path.isdir(m) and is_run(m) and m not in folders]
     if not folders:
         die(f"no run folders in {' '.join(patterns)}: pass folders that a script wrote with --out, e.g. runs/*")
