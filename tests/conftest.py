@@ -56,6 +56,44 @@ def train_step(script, net, modules, aux, args, x, y):
     return importlib.import_module("common").train_step(step, len(modules), x, y)
 
 
+def summed_backward(script, net, modules, aux, args, x, y):
+    """The same batch with every module's loss summed into one backward (the wrong way, which keeps
+    every module's activations alive): what the per-module backward is compared with."""
+    script = importlib.import_module(script) if isinstance(script, str) else script
+    losses, h = [], x
+    for i in range(len(modules)):
+        h, loss, _ = script.local_step(net, modules, aux, args, i, h, x, y)
+        losses.append(loss)
+        h = h.detach()
+    sum(losses).backward()
+
+
+def gradient_dependence(step, groups, params):
+    """`changed_by(ps)`: the names of `groups` (name -> parameters) whose gradients after `step()`
+    change when the parameters `ps` are scaled by 1.5 (restored afterwards); `params` are cleared
+    of gradients before each step."""
+    def grads():
+        for p in params:
+            p.grad = None
+        step()
+        return {name: [p.grad.clone() for p in ps] for name, ps in groups.items()}
+
+    before = grads()
+
+    def changed_by(ps):
+        ps = list(ps)
+        saved = [p.detach().clone() for p in ps]
+        with torch.no_grad():
+            for p in ps:
+                p.mul_(1.5)
+        after = grads()
+        with torch.no_grad():
+            for p, v in zip(ps, saved):
+                p.copy_(v)
+        return {name for name in groups if not all(torch.equal(a, b) for a, b in zip(before[name], after[name]))}
+    return changed_by
+
+
 def saved_tensor_peak(modules, step):
     """The peak bytes of activations saved for backward while `step()` runs (parameters of the
     given nn.Modules not counted)."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import common
 import hpff
-from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, train_step
+from conftest import QUICK, build_method, gradient_dependence, module_params, run_script, saved_tensor_peak, train_step
 
 
 def build(k, arch="resnet32", *extra):
@@ -147,25 +147,8 @@ def test_window_gradient_crosses_one_module_boundary_and_stops_at_the_next():
                  for part in ("own", "decoder", "cascade")},
               "head": list(net.head.parameters())}
 
-    def grads():
-        for p in (*net.parameters(), *aux.parameters()):
-            p.grad = None
-        train_step(hpff, net, modules, aux, args, x, y)
-        return {name: [p.grad.clone() for p in ps] for name, ps in groups.items()}
-
-    before = grads()
-
-    def changed_by(params):
-        params = list(params)
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.mul_(1.5)
-        after = grads()
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
-        return {name for name in groups if not all(torch.equal(a, b) for a, b in zip(before[name], after[name]))}
+    changed_by = gradient_dependence(lambda: train_step(hpff, net, modules, aux, args, x, y), groups,
+                                     (*net.parameters(), *aux.parameters()))
 
     assert changed_by(aux[1].cascade.parameters()) == {"M1", "M2", "cascade2"}
     assert changed_by(aux[1].decoder.parameters()) == {"M1", "M2", "decoder2"}

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import common
 import infopro
-from conftest import QUICK, build_method, checkpoint_state, run_script, saved_tensor_peak, train_step
+from conftest import QUICK, build_method, checkpoint_state, run_script, saved_tensor_peak, summed_backward, train_step
 
 
 def build(k=4, arch="resnet32", *extra):
@@ -174,13 +174,7 @@ def test_per_module_backward_is_what_saves_memory():
     x, y = batch(data)
 
     def summed():
-        losses, h = [], x
-        for layers, local in zip(modules[:-1], aux):
-            h = net.run(layers, h)
-            losses.append(local(h, x, y)[0])
-            h = h.detach()
-        losses.append(F.cross_entropy(net.head(net.run(modules[-1], h)), y))
-        sum(losses).backward()
+        summed_backward(infopro, net, modules, aux, args, x, y)
 
     local = saved_tensor_peak([net, aux], lambda: train_step(infopro, net, modules, aux, args, x, y))
     assert local < 0.6 * saved_tensor_peak([net, aux], summed)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import common
 import man
-from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, train_step
+from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, summed_backward, train_step
 
 
 def build(k, arch="resnet32", *extra):
@@ -238,13 +238,7 @@ def test_memory_well_below_bp_and_saved_by_the_per_module_backward():
     x, y = batch(data, 8)
 
     def summed():
-        losses, h = [], x
-        for layers, local in zip(modules[:-1], aux):
-            h = net.run(layers, h)
-            losses.append(local(h, x, y)[0])
-            h = h.detach()
-        losses.append(F.cross_entropy(net.head(net.run(modules[-1], h)), y))
-        sum(losses).backward()
+        summed_backward(man, net, modules, aux, args, x, y)
 
     local = saved_tensor_peak([net, aux], lambda: train_step("man", net, modules, aux, args, x, y))
     bp = saved_tensor_peak([net, aux], lambda: F.cross_entropy(net(x), y).backward())

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import common
 import mlaan
-from conftest import QUICK, build_method, checkpoint_state, module_params, run_script, train_step
+from conftest import QUICK, build_method, checkpoint_state, gradient_dependence, module_params, run_script, train_step
 
 
 def build(k, base="plain", arch="resnet32", *extra):
@@ -248,25 +248,8 @@ def test_who_gets_which_gradient():
               **{f"cascade{i}": list(w.cascade.parameters()) for i, w in enumerate(aux, 2)},
               "head": list(net.head.parameters())}
 
-    def grads():
-        for p in (*net.parameters(), *aux.parameters()):
-            p.grad = None
-        train_step(mlaan, net, modules, aux, args, x, y)
-        return {name: [p.grad.clone() for p in ps] for name, ps in groups.items()}
-
-    before = grads()
-
-    def changed_by(params):
-        params = list(params)
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.mul_(1.5)
-        after = grads()
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
-        return {name for name in groups if not all(torch.equal(a, b) for a, b in zip(before[name], after[name]))}
+    changed_by = gradient_dependence(lambda: train_step(mlaan, net, modules, aux, args, x, y), groups,
+                                     (*net.parameters(), *aux.parameters()))
 
     assert changed_by(aux[1].cascade.parameters()) == {"M1", "M2", "M3", "leap3", "cascade3"}  # window i=3
     assert changed_by(aux[1].own.parameters()) == {"M3", "own3"}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import predsim
-from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, train_step
+from conftest import QUICK, build_method, module_params, run_script, saved_tensor_peak, summed_backward, train_step
 
 
 def build(k=4, arch="resnet32", *extra):
@@ -210,12 +210,7 @@ def test_per_module_backward_keeps_activation_memory_low():
     x, y = batch(data, 64)
 
     def summed():
-        losses, h = [], x
-        for i in range(len(modules)):
-            h, loss, _ = predsim.local_step(net, modules, aux, args, i, h, x, y)
-            losses.append(loss)
-            h = h.detach()
-        sum(losses).backward()
+        summed_backward(predsim, net, modules, aux, args, x, y)
 
     local = saved_tensor_peak([net, aux], lambda: train_step(predsim, net, modules, aux, args, x, y))
     end_to_end = saved_tensor_peak([net], lambda: train_step("bp", net, [list(range(16))], None, bp_args, x, y))

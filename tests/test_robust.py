@@ -1,6 +1,7 @@
-"""Long runs: one run per folder, no folder locked by a failed start, orphaned ranks that stop, validated arguments, one-line errors for damaged
-or unwritable files, no non-finite checkpoint, SIGTERM / --save-every checkpoints that resume
-exactly, measurements kept across resume, start and progress lines."""
+"""Long runs: one run per folder, no folder locked by a failed start, orphaned ranks that stop,
+validated arguments, one-line errors for damaged or unwritable files, no non-finite checkpoint,
+SIGTERM / --save-every checkpoints that resume exactly, measurements kept across resume, start and
+progress lines."""
 import errno
 import glob
 import json
