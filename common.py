@@ -792,8 +792,12 @@ class ModuleMeter:
         return torch.stack([self.loss.double(), self.right.double(),
                             *torch.tensor(self.seen.T, dtype=torch.float64, device=self.loss.device)])
 
-    def load(self, state):
-        state = state.to(self.loss.device)
+    def load(self, state, own):
+        """Partial sums of a mid-epoch checkpoint, for the modules `own` this process trains: each
+        module's sums go on where it is trained, in the precision they were added in."""
+        trained_here = torch.zeros(len(self.seen), dtype=torch.float64)
+        trained_here[list(own)] = 1
+        state = state.cpu() * trained_here
         self.loss.copy_(state[0])
         self.right.copy_(state[1])
         self.seen = state[2:].T.cpu().numpy()
@@ -1609,11 +1613,9 @@ class Run:
         self.batch, position = 0, {}
         if self.partial is not None and self.partial["epoch"] == epoch:
             p, self.partial = self.partial, None
-            self.batch = p["batch"]
-            if len(p["stats"]) == self.procs.world:
-                meter.load(p["stats"][self.procs.rank])
-            elif self.main:  # e.g. pipeline stages resumed in one process: the epoch end sums them anyway
-                meter.load(sum(p["stats"]))
+            self.batch, stats = p["batch"], p["stats"]  # per replica (older pipelined checkpoints: per stage)
+            meter.load(stats[self.procs.data_rank] if len(stats) == self.procs.replicas else sum(stats),
+                       self.stages.own)
             position = {"first_batch": p["batch"], "aug_state": p["aug"][self.procs.data_rank]}
         return position
 
@@ -1656,8 +1658,13 @@ class Run:
         if nonfinite(model).item():
             die_nonfinite(self, epoch, lr, model)
         aug = self.data.aug_gen.get_state() if self.data.aug_gen is not None else torch.zeros(0, dtype=torch.uint8)
-        partial = {"epoch": epoch, "batch": self.batch, "stats": self.procs.gather(meter.state()),
-                   "aug": self.procs.gather(aug), "replicas": self.procs.replicas}
+        # One entry per data-parallel replica, whatever the stage layout: each process holds the sums
+        # of the modules it trains, so adding a replica's processes adds zeros only (exact).
+        replica_of = self.procs.gather(torch.tensor([self.procs.data_rank]))
+        members = [[i for i, r in enumerate(replica_of) if r == replica] for replica in range(self.procs.replicas)]
+        stats, augs = self.procs.gather(meter.state()), self.procs.gather(aug)
+        partial = {"epoch": epoch, "batch": self.batch, "stats": [sum(stats[i] for i in m) for m in members],
+                   "aug": [augs[m[0]] for m in members], "replicas": self.procs.replicas}
         self._save(model, opt, epoch - 1, partial)
         self.measure.resume()
 

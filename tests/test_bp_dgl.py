@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import bp
 import common
 import dgl
-from conftest import (QUICK, ROOT, assert_greedy_gradients, build_method, checkpoint_state, module_params, read_json,
-                      read_jsonl, run_script, saved_tensor_peak, train_step)
+from conftest import (QUICK, ROOT, assert_greedy_gradients, build_method, checkpoint_state, metrics_but_time,
+                      module_params, read_json, read_jsonl, run_script, saved_tensor_peak, train_step)
 
 
 def build(k, arch="resnet32", seed=0):
@@ -185,17 +185,22 @@ def test_nan_loss_stops_without_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_keep_identical_models(tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dgl.py",
-           *QUICK, "--k", "4", "--epochs", "2", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = read_json(out / "summary.json")
+def test_torchrun_two_processes_keep_identical_models_and_resume_mid_epoch_exactly(tmp_path):
+    def torchrun(out, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dgl.py",
+               *QUICK, "--k", "4", "--epochs", "2", "--out", str(out), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path / "ddp")
+    summary = read_json(tmp_path / "ddp" / "summary.json")
     assert summary["world_size"] == 2 and summary["steps"] == 8
     assert summary["rank_max_abs_diff"] == 0.0
     assert summary["final_test_acc"] > 0  # evaluated over both ranks' shards
+    torchrun(tmp_path / "split", "--steps", "6", "--save-every", "1")  # stops at epoch 2, batch 2
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["partial"]["batch"] == 2
+    torchrun(tmp_path / "split", "--resume")  # each replica goes on with its own shard's statistics
+    assert metrics_but_time(tmp_path / "ddp") == metrics_but_time(tmp_path / "split")
 
 
 @pytest.mark.slow

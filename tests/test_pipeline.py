@@ -3,6 +3,7 @@ exactly the parameters, buffers, momentum, metrics and checkpoint of the same ru
 import itertools
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -133,3 +134,20 @@ def test_bench_compares_one_process_with_pipelined_stages():
     assert "error" not in row and row["sequential"] > 0 and row["pipelined"] > 0
     assert sum((s["modules"] for s in row["stages"]), []) == [0, 1, 2, 3]  # cut by measured time
     assert "| dgl | resnet32 | 4 | cifar10 | 16 |" in bench.pipeline_table(rows, 2)
+
+
+@pytest.mark.slow
+def test_mid_epoch_checkpoint_resumes_exactly_in_another_stage_layout(tmp_path):
+    """The partial statistics of a mid-epoch checkpoint go on with the module that owns them, so
+    the resumed epoch's train_loss and module_loss are the uninterrupted run's to the last bit."""
+    args = ["--k", 4, "--epochs", 2, "--save-every", 1]
+    sequential("dgl", tmp_path / "straight", *args)
+    proc = torchrun("dgl", tmp_path / "two", 2, *args, "--steps", 6)  # stops at epoch 2, batch 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["partial"]["batch"] == 2
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    proc = torchrun("dgl", tmp_path / "two", 3, *args, "--resume")  # 2 stages -> 3
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "two")
+    sequential("dgl", tmp_path / "one", *args, "--resume")  # 2 stages -> one process
+    assert_same_run(tmp_path / "straight", tmp_path / "one")
