@@ -35,6 +35,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -52,7 +53,23 @@ def die(message):
     """Stop with a one-line error that tells the user what to do (no traceback). The run folder's
     lock goes with it, so that the folder is free at once (also to a run in this same process)."""
     RunFolder.unlock()
-    raise SystemExit(f"error: {message}")
+    raise SystemExit(f"error: {message}" if first_to_fail() else 1)
+
+
+def first_to_fail():
+    """Whether this process is the first of its torchrun launch on this machine to stop on an error
+    (it creates the launch's marker file), so that the ranks do not all print the same line."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return True
+    marker = os.path.join(tempfile.gettempdir(), "local-learning-{}-{}-{}.failed".format(
+        os.getppid(), os.environ["TORCHELASTIC_RUN_ID"], os.environ.get("TORCHELASTIC_RESTART_COUNT")))
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temporary folder: print
+        pass
+    return True
 
 
 # ---- Backbones: a flat list of layers (0 = stem, then every residual block) plus the head --------

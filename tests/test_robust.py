@@ -212,6 +212,16 @@ def test_bad_input_exits_1_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: --lr must be a positive number, got -0.1"]
 
 
+@pytest.mark.slow
+def test_under_torchrun_an_error_is_printed_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dgl.py", *TINY,
+           "--k", "99", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1  # torchrun's: its own ChildFailedError report follows the line
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --k 99 is not valid for resnet32: choose K from 1 to 16 (the number of layers)"]
+
+
 # ---- 3. damaged and unwritable files ---------------------------------------------------------------
 
 @pytest.mark.slow
