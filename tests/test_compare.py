@@ -96,6 +96,14 @@ def test_runs_named_outright_keep_their_order_and_cpu_tables_have_no_peak_column
     assert table["dgl"]["final acc"] == "60.0%" and table["dgl"]["wall time"] == "24 s"
 
 
+def test_a_folder_of_runs_is_read_one_level_down(runs, tmp_path):
+    nested = tmp_path / "all"
+    os.makedirs(nested)
+    os.rename(runs / "dgl", nested / "dgl")  # runs/*: bp, contsup-old, infopro and the folder all/
+    assert list(rows(compare.main([str(runs / "*")]))) == ["dgl", "bp", "contsup-old", "infopro"]  # all/ first
+    assert list(rows(compare.main([str(nested)]))) == ["dgl"]  # named outright
+
+
 def test_a_cut_short_last_line_is_skipped(runs):
     with open(runs / "infopro" / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "test_ac')

@@ -4,7 +4,8 @@
     python tools/compare.py runs/bp-* runs/dgl-* --plot compare.png
 
 Each argument is a run folder (what a script writes to --out: args.json, metrics.jsonl and, once
-the run has finished, summary.json) or a glob of them. Runs still going (no summary.json yet) and
+the run has finished, summary.json), a folder of run folders (one level: runs/readme) or a glob of
+them. Runs still going (no summary.json yet) and
 runs from older versions (fewer fields) are shown with what they have; a missing value is "-",
 and a wall time taken from the files' times (runs from before `elapsed_s`) is marked "~".
 
@@ -60,15 +61,24 @@ def is_run(folder):
             or os.path.exists(metrics) and os.path.getsize(metrics) > 0)
 
 
+def runs_in(folder):
+    """The folder if it is a run, else the runs directly inside it (a folder of runs: runs/readme/)."""
+    if is_run(folder):
+        return [folder]
+    inside = sorted(glob.glob(os.path.join(glob.escape(folder), "*")))
+    return [f for f in inside if os.path.isdir(f) and is_run(f)]
+
+
 def find_runs(patterns):
-    """Run folders in the order given (a glob's matches sorted); a folder named outright must be a run."""
+    """Run folders in the order given (a glob's matches sorted); a folder named outright must be a run
+    or hold runs."""
     folders = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not glob.has_magic(pattern) and not is_run(pattern):
-            die(f"{pattern} is not a run folder (no args.json, epoch in metrics.jsonl or summary.json): pass "
-                f"folders that a script wrote with --out, e.g. runs/*")
-        folders += [m for m in matches if os.path.isdir(m) and is_run(m) and m not in folders]
+        if not glob.has_magic(pattern) and not (os.path.isdir(pattern) and runs_in(pattern)):
+            die(f"{pattern} is not a run folder (no args.json, epoch in metrics.jsonl or summary.json) nor a folder "
+                f"of runs: pass folders that a script wrote with --out, e.g. runs/*")
+        folders += [run for m in matches if os.path.isdir(m) for run in runs_in(m) if run not in folders]
     if not folders:
         die(f"no run folders in {' '.join(patterns)}: pass folders that a script wrote with --out, e.g. runs/*")
     return folders
