@@ -1508,6 +1508,7 @@ class StopRequest:
 # ---- Progress lines: the start line, then one every PROGRESS_STEPS steps or PROGRESS_S seconds ----
 
 PROGRESS_STEPS, PROGRESS_S = 500, 60.0  # a progress line after this many steps or seconds, whichever first
+FIRST_LINE_STEPS = WARMUP_STEPS + 3      # and one after a process's first few timed steps
 
 
 class Progress:
@@ -1538,17 +1539,21 @@ class Progress:
                   flush=True)
 
     def update(self, epoch, steps, process_steps, meter):
+        """A line when due; its speed and ETA come from the steps since the last line (for the first
+        line, since the warm-up steps)."""
         now = time.perf_counter()
         last_t, last_steps = self._line
-        if not self.on or (steps - last_steps < PROGRESS_STEPS and now - last_t < PROGRESS_S):
+        due = process_steps == FIRST_LINE_STEPS or steps - last_steps >= PROGRESS_STEPS or now - last_t >= PROGRESS_S
+        if not (self.on and due):
+            if process_steps == WARMUP_STEPS:
+                self._line = (now, steps)
             return
         loss = meter.mean_loss(self.last_module)  # the only host sync, once per line
-        elapsed = now - self.t_start
-        eta = (self.total - steps) * elapsed / process_steps
-        speed = (steps - last_steps) * self.args.batch_size / (now - last_t)
+        seconds_per_step = (now - last_t) / (steps - last_steps)
         name = "train_loss" if self.last_module == self.k - 1 else f"module_{self.last_module}_loss"
         print(f"epoch {epoch}/{self.args.epochs} step {steps}/{self.total} {name} {loss:.4f} "
-              f"{speed:.1f} images/s elapsed {_hms(elapsed)} eta {_hms(eta)}", flush=True)
+              f"{self.args.batch_size / seconds_per_step:.1f} images/s elapsed {_hms(now - self.t_start)} "
+              f"eta {_hms((self.total - steps) * seconds_per_step)}", flush=True)
         self._line = (now, steps)
 
 

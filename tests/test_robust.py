@@ -515,3 +515,12 @@ def test_start_and_progress_lines(tmp_path, monkeypatch, capsys):
     progress = [l for l in lines if l.startswith("epoch ")]
     assert [l.split(" train_loss")[0] for l in progress] == [f"epoch {(s + 1) // 2}/2 step {s}/4" for s in (1, 2, 3, 4)]
     assert all(" images/s elapsed " in l and " eta " in l for l in progress)
+
+
+@pytest.mark.slow
+def test_the_first_progress_line_comes_after_a_few_timed_steps(tmp_path, capsys):
+    tiny("dgl", tmp_path / "run", "--k", "2", "--subset", "256", "--epochs", "1")  # 8 steps
+    lines = capsys.readouterr().out.splitlines()
+    progress = [i for i, l in enumerate(lines) if l.startswith("epoch ")]
+    assert len(progress) == 1 and lines[progress[0]].startswith("epoch 1/1 step 5/8 train_loss ")
+    assert lines[progress[0] + 1].startswith('{"epoch": 1,')  # before the epoch's JSON line
