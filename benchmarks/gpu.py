@@ -22,11 +22,13 @@ costs set-up (data, model, cuDNN autotuning in the warm-up, the FLOP-counted fir
 evaluation batch; about 3 s assumed) plus 8 steps. From the exact FLOP counts (the largest case,
 MLAAN ResNet-110 K=55, 9.5 GFLOP per image, 9.8 TFLOP per step) at 3% of peak (what small-channel
 CIFAR ResNets reach; at least 0.3 s per step for launch-bound K=55) that is about 4.5 minutes; the
-dry run prints this estimate for the cases it runs. The kit starts no case after --budget-s
-(default 450 s), so it ends within 8 minutes, and lists any case it skipped.
+dry run prints this estimate for the cases it runs. On the GPU the kit starts no case after
+--budget-s (default 450 s), so it ends within 8 minutes, and lists any case it skipped. The dry run
+has no budget: it tries every case, and exits 1 naming the cases that failed.
 """
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
@@ -61,7 +63,7 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                    help="only the cases whose METHOD:ARCH:K:DATASET contains one of these (a bp.py baseline is kept)")
     p.add_argument("--steps", type=int, default=STEPS, help=f"steps per case (default {STEPS}, 2 are warm-up)")
-    p.add_argument("--budget-s", type=float, default=450, help="start no case after this many seconds")
+    p.add_argument("--budget-s", type=float, default=450, help="on the GPU, start no case after this many seconds")
     p.add_argument("--peak-fp32", type=float, default=PEAK_TFLOPS["fp32"], help="peak TFLOP/s of fp32 runs")
     p.add_argument("--peak-bf16", type=float, default=PEAK_TFLOPS["bf16"], help="peak TFLOP/s of bf16 runs")
     args = p.parse_args(argv)
@@ -70,7 +72,8 @@ def main(argv=None):
         raise SystemExit("error: no CUDA device is visible; run on the GPU, or pass --dry-run to try the cases on CPU")
     device, steps = ("cpu", 1) if args.dry_run else ("cuda", args.steps)
     peaks = {"fp32": args.peak_fp32, "bf16": args.peak_bf16}
-    start, sections, estimate, skipped, count = time.perf_counter(), [], 0.0, [], 0
+    budget_s = math.inf if args.dry_run else args.budget_s  # a dry run tries every case
+    start, sections, estimate, skipped, failed, count = time.perf_counter(), [], 0.0, [], [], 0
     for title, texts, extra, precision in TABLES:
         cases = [parse_case(t) for t in texts]
         cases = [c for c in cases if args.only is None or any(
@@ -82,14 +85,16 @@ def main(argv=None):
             run = {**case, "batch": DRY_BATCH[case["dataset"]]} if args.dry_run else case
             label = ":".join(str(run[key]) for key in ("method", "arch", "k", "dataset", "batch")) + " ".join(
                 ["", *case["options"]])
-            if time.perf_counter() - start > args.budget_s:
+            if time.perf_counter() - start > budget_s:
                 skipped.append(f"{label} ({title})")
                 continue
             t, count = time.perf_counter(), count + 1
             result = run_in_process(run, steps, device, extra)
             rows.append(result)
             line = f"{title}: {label}: {time.perf_counter() - t:.1f} s"
-            if "error" not in result:
+            if "error" in result:
+                failed.append(f"{label} ({title}: {result['error']})")
+            else:
                 estimate += estimate_s(result["flops"], case["batch"], args.steps, precision)
                 line += f", {result['flops'] / 1e9:.2f} GFLOP/image"
             print(line, flush=True)
@@ -112,6 +117,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "gpu.md"), "w") as f:
         f.write(text)
     print(text)
+    if args.dry_run and failed:
+        raise SystemExit(f"error: the dry run failed for {len(failed)} cases: " + "; ".join(failed))
     return text
 
 

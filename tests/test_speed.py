@@ -103,15 +103,22 @@ def test_benchmark_bad_case():
         bench.main(["--cases", "dgl:resnet32"])
 
 
-def test_gpu_kit_dry_run(tmp_path):
+def test_gpu_kit_dry_run(tmp_path, monkeypatch):
     """The GPU kit's cases on the CPU (one per table here: the full dry run takes minutes)."""
-    text = gpu.main(["--dry-run", "--only", "dgl:resnet32:16", "--out", str(tmp_path)])
+    text = gpu.main(["--dry-run", "--only", "dgl:resnet32:16", "--budget-s", "0", "--out", str(tmp_path)])
     assert (tmp_path / "gpu.md").read_text() == text and "not GPU figures" in text and ": 4 cases in" in text
     assert "### fp32" in text and "### bf16, channels last" in text and "InfoPro*" not in text
     assert "| dgl | - | resnet32 | 16 | cifar10 | 4 | fp32 | 1 | 0.14 | 0.36 | 0.87 | - | - | - |" in text
     assert "| bp | - | resnet32 | 1 | cifar10 | 4 | --bf16 --channels-last |" in text
-    text = gpu.main(["--dry-run", "--only", "infopro:resnet110:3", "--budget-s", "0", "--out", str(tmp_path)])
-    assert ": 0 cases in" in text and "Not run (over --budget-s 0): bp:resnet110:1:cifar10:4 (InfoPro* Table 3 (fp32)); " in text
+    with pytest.raises(SystemExit, match=r"^error: the dry run failed for 3 cases: bp:resnet110:1:cifar10:4 "
+                       r"\(InfoPro\* Table 3 \(fp32\): boom\); infopro:resnet110:3:cifar10:4"):
+        monkeypatch.setattr(gpu, "run_in_process", lambda case, *_: {**case, "error": "boom"})
+        gpu.main(["--dry-run", "--only", "infopro:resnet110:3", "infopro:resnet110:4", "--out", str(tmp_path)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU the budget counts
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "GPU")
+    text = gpu.main(["--only", "infopro:resnet110:3", "--budget-s", "0", "--out", str(tmp_path)])
+    assert ": 0 cases in" in text and "Not run (over --budget-s 0): bp:resnet110:1:cifar10:1024 (InfoPro* " in text
+    monkeypatch.undo()
     with pytest.raises(SystemExit, match="no CUDA device is visible"):
         gpu.main(["--out", str(tmp_path)])
 
