@@ -94,6 +94,28 @@ def gradient_dependence(step, groups, params):
     return changed_by
 
 
+class GradientSum:
+    """Reference gradients: each loss's gradient (times its weight) added into `total`, one
+    autograd.grad per loss, as an official code's separate backward calls accumulate them."""
+
+    def __init__(self, params):
+        self.params, self.total = params, [torch.zeros_like(p) for p in params]
+
+    def add(self, loss, weight):
+        for t, g in zip(self.total, torch.autograd.grad(weight * loss, self.params, allow_unused=True)):
+            if g is not None:
+                t += g
+
+
+@torch.no_grad()
+def module_inputs(net, modules, x):
+    """inputs[j]: the input of module j (inputs[K]: the last module's output)."""
+    inputs = [x]
+    for layers in modules:
+        inputs.append(net.run(layers, inputs[-1]))
+    return inputs
+
+
 def saved_tensor_peak(modules, step):
     """The peak bytes of activations saved for backward while `step()` runs (parameters of the
     given nn.Modules not counted)."""

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import common
 import hpff
-from conftest import QUICK, build_method, gradient_dependence, module_params, run_script, saved_tensor_peak, train_step
+from conftest import (QUICK, GradientSum, build_method, gradient_dependence, module_inputs, module_params, run_script,
+                      saved_tensor_peak, train_step)
 
 
 def build(k, arch="resnet32", *extra):
@@ -97,18 +98,8 @@ def reference_gradients(net, modules, aux, x, y, imagenet=False):
     * CE), plus 0.001 * CE of module i's independent head on module i alone; the final 0.999 *
     CE(head(modules K-2, K-1)) + 0.001 * CE(head(module K-1 alone)). ImageNet: cascaded terms only,
     weight 1."""
-    params = [*net.parameters(), *aux.parameters()]
-    total = [torch.zeros_like(p) for p in params]
-
-    def add(loss, weight):
-        for t, g in zip(total, torch.autograd.grad(weight * loss, params, allow_unused=True)):
-            if g is not None:
-                t += g
-
-    with torch.no_grad():
-        inputs = [x]  # inputs[j]: the input of module j
-        for layers in modules:
-            inputs.append(net.run(layers, inputs[-1]))
+    grads = GradientSum([*net.parameters(), *aux.parameters()])
+    add, inputs = grads.add, module_inputs(net, modules, x)
     image = x * aux[0].std + aux[0].mean
     w_cascade = 1.0 if imagenet else 0.999
     for i, window in enumerate(aux, 1):
@@ -120,7 +111,7 @@ def reference_gradients(net, modules, aux, x, y, imagenet=False):
     add(F.cross_entropy(net.head(net.run(modules[k - 1], net.run(modules[k - 2], inputs[k - 2]))), y), w_cascade)
     if not imagenet:
         add(F.cross_entropy(net.head(net.run(modules[k - 1], inputs[k - 1])), y), 0.001)
-    return params, total
+    return grads.params, grads.total
 
 
 @pytest.mark.slow

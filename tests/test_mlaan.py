@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import common
 import mlaan
-from conftest import QUICK, build_method, checkpoint_state, gradient_dependence, module_params, run_script, train_step
+from conftest import (QUICK, GradientSum, build_method, checkpoint_state, gradient_dependence, module_inputs,
+                      module_params, run_script, train_step)
 
 
 def build(k, base="plain", arch="resnet32", *extra):
@@ -111,18 +112,8 @@ def reference_gradients(net, modules, aux, base, x, y, imagenet=False):
     independent loss on module i alone, weight 0.001; the final CE on modules K-c..K-1, weight 1
     (ImageNet: 0.999, plus 0.001 * CE of module K-1 alone)."""
     c, k = 3 if imagenet else mlaan.BASES[base], len(modules)
-    params = [p for p in (*net.parameters(), *aux.parameters()) if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-
-    def add(loss, weight):
-        for t, g in zip(total, torch.autograd.grad(weight * loss, params, allow_unused=True)):
-            if g is not None:
-                t += g
-
-    with torch.no_grad():
-        inputs = [x]  # inputs[j]: the input of module j
-        for layers in modules:
-            inputs.append(net.run(layers, inputs[-1]))
+    grads = GradientSum([p for p in (*net.parameters(), *aux.parameters()) if p.requires_grad])
+    add, inputs = grads.add, module_inputs(net, modules, x)
     for window, i in zip(aux, range(c - 1, k - 1)):
         h = inputs[i - c + 1]
         for j in range(i - c + 1, i + 1):
@@ -138,7 +129,7 @@ def reference_gradients(net, modules, aux, base, x, y, imagenet=False):
     add(F.cross_entropy(net.head(h), y), 0.999 if imagenet else 1.0)
     if imagenet:
         add(F.cross_entropy(net.head(net.run(modules[-1], inputs[k - 1])), y), 0.001)
-    return params, total
+    return grads.params, grads.total
 
 
 @pytest.mark.slow
