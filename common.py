@@ -1002,8 +1002,8 @@ class Processes:
     replicas, each replica on its shard of every global batch. Rank r is stage r % P of replica
     r // P: every P consecutive ranks form one whole pipeline, so on a node with a multiple of P
     GPUs the activations sent every step never leave the node; only a stage's gradient all-reduce
-    does. The device is resolved here and written back to
-    args.device, so that args.json and the checkpoint say what was used."""
+    does. The device is resolved here and written back to args.device, so that args.json and the
+    checkpoint say what was used."""
 
     def __init__(self, args):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
