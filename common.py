@@ -9,8 +9,8 @@ The parts, in the order they appear:
   Arguments      the shared command line, the schedule and the optimizer (the protocol)
   Local step     a batch through the modules, each loss back-propagated at once; per-module statistics
   Measurement    bytes saved for backward, CUDA peaks, FLOPs, images per second, wall time
-  Processes      one process, data-parallel replicas or pipeline stages, and their collectives
-  Pipeline       the modules cut into stages trained by one process each (--pipeline)
+  Processes      one process, or pipeline stages times data-parallel replicas, and their collectives
+  Pipeline       the modules cut into stages trained by one process each per replica (--pipeline)
   Run folder     args.json, metrics.jsonl, checkpoint.pt, summary.json: atomic writes, resume checks
   Stop requests  SIGTERM / SIGINT: finish the step, checkpoint, every process stops at the same step
   Progress       the start line and the progress lines
@@ -670,9 +670,11 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
                    help=f"also checkpoint every N steps within an epoch (0: at epoch ends only); default "
                    f"{SAVE_EVERY_IMAGENET} on imagenet, else 0")
     p.add_argument("--quiet", action="store_true", help="no start and progress lines (the JSON lines stay)")
-    p.add_argument("--pipeline", action="store_true",
-                   help="under torchrun --nproc_per_node=P: train the K modules as P pipelined stages, one per "
-                   "process, instead of P data-parallel replicas (the same result as one process)")
+    p.add_argument("--pipeline", type=int, nargs="?", const=True, default=False, metavar="P",
+                   help="under torchrun --nproc_per_node=N: train the K modules as P pipelined stages, each on "
+                   "N/P data-parallel replicas (rank r: stage r %% P, replica r // P), the same result as N/P "
+                   "data-parallel processes; --pipeline alone: P = N, every process a stage (default: no "
+                   "pipeline, every process a data-parallel replica)")
     p.add_argument("--pipeline-cuts", type=int, nargs="+", default=None, metavar="M",
                    help="with --pipeline: the first module of every stage after the first (P-1 increasing "
                    "indices); default: cuts that balance the stages' measured step times")
@@ -711,6 +713,9 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     for name in ("momentum", "weight_decay"):  # 1 or more makes SGD diverge or erase the weights
         if not getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be below 1, got {getattr(args, name)}")
+    if not isinstance(args.pipeline, bool) and args.pipeline < 2:  # a number of stages (True: one per process)
+        die(f"--pipeline {args.pipeline}: a pipeline has at least 2 stages; give P >= 2, or leave --pipeline out "
+            f"for data parallelism")
     if args.pipeline and no_pipeline:
         die(f"{method}.py cannot pipeline its modules: {no_pipeline}; run it without --pipeline")
     if args.pipeline_cuts and not args.pipeline:
@@ -988,14 +993,17 @@ class Measurements:
         return self.elapsed_before + time.perf_counter() - self.clock_start
 
 
-# ---- Processes: one, data-parallel replicas or pipeline stages (torchrun), and their collectives ----
+# ---- Processes: one, or pipeline stages x data-parallel replicas (torchrun), and their collectives ----
 
 class Processes:
     """This process's place in the run and the collectives between the processes. Without
-    torchrun: one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK): data-parallel replicas,
-    each on its shard of every global batch, or with --pipeline one stage per process, every stage
-    on the whole batch. The device is resolved here and written back to args.device, so that
-    args.json and the checkpoint say what was used."""
+    torchrun: one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) the N processes are P
+    pipeline stages (1 without --pipeline, N with a plain --pipeline) times R = N / P data-parallel
+    replicas, each replica on its shard of every global batch. Rank r is stage r % P of replica
+    r // P: every P consecutive ranks form one whole pipeline, so on a node with a multiple of P
+    GPUs the activations sent every step never leave the node; only a stage's gradient all-reduce
+    does. The device is resolved here and written back to args.device, so that args.json and the
+    checkpoint say what was used."""
 
     def __init__(self, args):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1013,26 +1021,39 @@ class Processes:
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local_rank}"
         self.device = torch.device(device)
+        self._layout(args)  # before the process group exists: a wrong layout stops every process at once
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
+        self.replica_group = None  # the processes that average this one's gradients (None: all of them)
         if self.world > 1:
             # Imported before the group exists: the first step's FlopCounterMode imports torch._dynamo,
             # and imported after init_process_group it keeps a reference to the group, so that
             # destroy_process_group no longer ends its gloo threads (see close).
             import torch._dynamo as _  # noqa: F401
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if 1 < self.replicas < self.world:  # every process creates every stage's group, in one order
+                groups = [dist.new_group(list(range(s, self.world, self.stages))) for s in range(self.stages)]
+                self.replica_group = groups[self.stage]
         self.main = self.rank == 0
-        if args.pipeline and self.world < 2:
+
+    def _layout(self, args):
+        """P stages (args.pipeline: False, True for one per process, or P) times R replicas."""
+        if args.pipeline is True and self.world < 2:
             die("--pipeline trains one stage per process: launch the script with torchrun --nproc_per_node=P "
                 "(P >= 2 stages)")
-        self.replicas = 1 if args.pipeline else self.world  # processes that split every batch
-        self.data_rank = 0 if args.pipeline else self.rank  # this process's shard of it
+        self.stages = self.world if args.pipeline is True else args.pipeline or 1
+        if self.stages > self.world or self.world % self.stages:
+            die(f"--pipeline {self.stages} needs a multiple of {self.stages} processes (P stages times R replicas), "
+                f"and this run has {self.world}; launch torchrun --nproc_per_node with a multiple of {self.stages}")
+        self.stage, self.data_rank = self.rank % self.stages, self.rank // self.stages
+        self.replicas = self.world // self.stages  # processes that split every batch, this one taking shard data_rank
         if args.batch_size % self.replicas:
-            die(f"--batch-size {args.batch_size} does not split over {self.world} processes; use a multiple")
+            die(f"--batch-size {args.batch_size} does not split over {self.replicas} data-parallel replicas; use a "
+                f"multiple of {self.replicas}")
         if args.batch_size < 2 * self.replicas:
-            die(f"--batch-size {args.batch_size} leaves fewer than 2 images per process (BatchNorm needs 2+); "
-                f"use at least {2 * self.replicas}")
+            die(f"--batch-size {args.batch_size} leaves fewer than 2 images per replica (BatchNorm needs 2+); use at "
+                f"least {2 * self.replicas}")
 
     def all_sum(self, tensor):
         if self.world > 1:
@@ -1055,18 +1076,18 @@ class Processes:
             return
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self.replica_group)
         flat /= self.replicas
         for g, new in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(new.view_as(g))
 
-    def average_buffers(self, model):
+    def average_buffers(self, buffers):
         """The replicas' BatchNorm running statistics averaged, so that every replica holds one model."""
         if self.replicas == 1:
             return
-        for b in model.buffers():
+        for b in buffers:
             if b.is_floating_point():
-                dist.all_reduce(b)
+                dist.all_reduce(b, group=self.replica_group)
                 b /= self.replicas
 
     def divergence(self, model):
@@ -1086,7 +1107,7 @@ class Processes:
             dist.destroy_process_group()
 
 
-# ---- Pipeline stages: the K modules cut into P contiguous stages, one per process ----------------
+# ---- Pipeline stages: the K modules cut into P contiguous stages, one process each per replica ----
 
 def probe_modules(model, data, step, k, args, device):
     """Training steps of every module on random images, leaving the model as it was. On two images:
@@ -1160,26 +1181,28 @@ class OneStage:
         pass
 
     def sync(self, model, opt):
-        self.procs.average_buffers(model)
+        self.procs.average_buffers(model.buffers())
 
 
 class Pipeline:
     """Module-parallel training: the K modules cut into P contiguous stages, stage s trained by
-    process s. No gradient crosses a module boundary, so a stage needs from the previous one only
-    the detached output of its last module (point-to-point messages of torch.distributed); it
-    draws the batch itself (the same deterministic batch on every stage), steps the parameters
-    its modules own and sends its output on while the next stage still works on the previous
-    batch (at most DEPTH batches in flight). Module j's update depends only on its input and its
-    own loss, so the run equals the sequential one. At the end of every epoch each stage sends
-    its parameters, buffers and momentum to the others, so every process holds the whole model
-    for evaluation and checkpoints (the same as a sequential run's)."""
+    process s of every replica (Processes: rank replica * P + s). No gradient crosses a module
+    boundary, so a stage needs from the previous one only the detached output of its last module
+    (point-to-point messages of torch.distributed, within the replica); it draws its shard of the
+    batch itself (the same deterministic shard on every stage of a replica), steps the parameters
+    its modules own (their gradients averaged over the stage's replicas) and sends its output on
+    while the next stage still works on the previous batch (at most DEPTH batches in flight).
+    Module j's update depends only on its input and its own loss, so the run equals the
+    data-parallel one of R processes (one process when R = 1). At the end of every epoch each
+    stage sends its parameters, buffers and momentum to the others, so every process holds the
+    whole model for evaluation and checkpoints (the same as a data-parallel run's)."""
     DEPTH = 2
 
     def __init__(self, procs, args, model, data, modules, step):
-        k, parts = len(modules), procs.world
+        k, parts = len(modules), procs.stages
         if parts > k:
-            die(f"--pipeline over {parts} processes needs at least {parts} modules, and this run has {k}; use "
-                f"fewer processes (--nproc_per_node) or a larger --k")
+            die(f"--pipeline over {parts} stages needs at least {parts} modules, and this run has {k}; use "
+                f"fewer stages (--pipeline P, --nproc_per_node) or a larger --k")
         flops, seconds, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args,
                                                                                 procs.device)
         seconds = procs.all_sum(torch.tensor(seconds, dtype=torch.float64, device=procs.device)).tolist()  # all agree
@@ -1189,7 +1212,7 @@ class Pipeline:
                 f"of every stage after the first), got {' '.join(map(str, cuts))}")
         bounds = [0, *cuts, k]
         self.stages = [range(a, b) for a, b in zip(bounds, bounds[1:])]
-        self.stage, self.last, self.device, self.procs = procs.rank, parts - 1, procs.device, procs
+        self.stage, self.last, self.device, self.procs = procs.stage, parts - 1, procs.device, procs
         self.own = self.stages[self.stage]
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.momentum = args.momentum > 0
@@ -1204,7 +1227,8 @@ class Pipeline:
             described = [f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
                          f"{modules[st.stop - 1][-1]}), {busy:.0%} of the step time, {flops:.0%} of the FLOPs"
                          for s, (st, busy, flops) in enumerate(zip(self.stages, self.time_share, self.flops_share))]
-            print("pipeline: " + "; ".join(described), flush=True)
+            replicas = f", each on {procs.replicas} data-parallel replicas" if procs.replicas > 1 else ""
+            print("pipeline: " + "; ".join(described) + replicas, flush=True)
 
     def receive(self, x, batch):
         if self.stage == 0:
@@ -1212,7 +1236,7 @@ class Pipeline:
         spec, leaves = self.outputs[self.own.start - 1]
         tensors = [torch.empty((batch, *shape), dtype=dtype, device=self.device) for shape, dtype in leaves]
         for t in tensors:
-            dist.recv(t, self.stage - 1)
+            dist.recv(t, self.procs.rank - 1)  # the previous stage of this replica
         tensors = [t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t for t in tensors]
         return tree_unflatten(tensors, spec)
 
@@ -1220,7 +1244,7 @@ class Pipeline:
         if self.stage == self.last:
             return
         tensors = [t.contiguous() for t in tree_flatten(h)[0]]
-        self.pending.append(([dist.isend(t, self.stage + 1) for t in tensors], tensors))  # keep them alive
+        self.pending.append(([dist.isend(t, self.procs.rank + 1) for t in tensors], tensors))  # keep them alive
         while len(self.pending) > self.DEPTH:
             self._wait_oldest()
 
@@ -1233,8 +1257,11 @@ class Pipeline:
             self._wait_oldest()
 
     def sync(self, model, opt):
-        """Every stage's parameters, buffers and momentum buffers to every process."""
+        """The stage's BatchNorm statistics averaged over its replicas (its parameters and momentum
+        are the same on all of them), then every stage's parameters, buffers and momentum buffers
+        from its first replica (rank s) to every process."""
         self.flush()
+        self.procs.average_buffers(self.buffers[self.stage])
         for s in range(len(self.stages)):
             tensors = [p.data for p in self.params[s]] + self.buffers[s]
             if self.momentum:  # the other stages never stepped these: give them the owner's momentum
@@ -1251,8 +1278,8 @@ class Pipeline:
 
     def report(self, act_mem_bytes):
         """Per stage: its modules, its share of the step time and of the training FLOPs and its
-        activation memory."""
-        gathered = self.procs.gather(torch.tensor([float(act_mem_bytes or 0)]))
+        activation memory (that of its first replica, rank s)."""
+        gathered = self.procs.gather(torch.tensor([float(act_mem_bytes or 0)]))[:len(self.stages)]
         return [{"modules": list(stage), "time_share": round(busy, 4), "flops_share": round(flops, 4),
                  "act_mem_bytes": int(m.item())}
                 for stage, busy, flops, m in zip(self.stages, self.time_share, self.flops_share, gathered)]
@@ -1620,7 +1647,7 @@ class Run:
         self.measure.load(ckpt.get("measured", {}))
         if self.partial is not None and self.partial["replicas"] != self.procs.replicas:
             die(f"--resume: {self.folder.checkpoint} was written mid-epoch by {self.partial['replicas']} "
-                f"data-parallel processes; resume it with as many")
+                f"data-parallel replicas; resume it with as many (processes / --pipeline stages)")
         self.saved = _describe(ckpt["epoch"], self.partial)
         self.folder.trim_metrics(ckpt["epoch"])
 
@@ -1767,7 +1794,7 @@ def summarize(run, model, modules):
     if a.pipeline:
         summary["stages"] = run.stages.report(m.act_mem_bytes)
         flops = torch.tensor([m.train_flops_per_image or 0.0], dtype=torch.float64, device=run.device)
-        summary["train_flops_per_image"] = procs.all_sum(flops).item()  # each stage counted its own modules
+        summary["train_flops_per_image"] = procs.all_sum(flops).item() / procs.replicas  # each stage counted its own
     if procs.world > 1:
         summary["rank_max_abs_diff"] = procs.divergence(model)
     return summary
@@ -1778,8 +1805,8 @@ def summarize(run, model, modules):
 def train_epoch(run, args, data, model, opt, epoch, step):
     """One epoch: on every batch the method's local step of each module this process trains (all
     of them, or its pipeline stage's), each module's loss back-propagated at once; then gradients
-    are averaged over data-parallel replicas and one optimizer step is taken. Statistics stay on
-    the device until the epoch ends."""
+    are averaged over the data-parallel replicas (of this stage) and one optimizer step is taken.
+    Statistics stay on the device until the epoch ends."""
     lr = lr_at(epoch, args)
     for group in opt.param_groups:
         group["lr"] = lr

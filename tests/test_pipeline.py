@@ -1,11 +1,14 @@
 """--pipeline: the K modules trained as P stages, one per process (gloo on the CPU), must end with
-exactly the parameters, buffers, momentum, metrics and checkpoint of the same run in one process."""
+exactly the parameters, buffers, momentum, metrics and checkpoint of the same run in one process;
+--pipeline P under N processes (P stages x N/P replicas), exactly those of N/P data-parallel ones."""
 import itertools
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -16,9 +19,10 @@ from conftest import QUICK, ROOT, metrics_but_time, read_json, read_jsonl, run_s
 SMALL = ["--subset", "128", "--batch-size", "32"]  # 4 steps per epoch
 
 
-def torchrun(script, out, procs, *args):
+def torchrun(script, out, procs, *args, layout=("--pipeline",)):
+    """`procs` processes of one thread each: pipeline stages, or as `layout` says (() data parallel)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           f"{script}.py", *QUICK, *SMALL, "--out", str(out), "--pipeline", *map(str, args)]
+           f"{script}.py", *QUICK, *SMALL, "--out", str(out), *map(str, layout), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the sequential run below uses one thread too
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
@@ -96,7 +100,7 @@ def test_pipeline_stage_cuts_by_hand_and_bad_cuts(tmp_path):
     proc = torchrun("dgl", tmp_path / "b", 2, "--k", 4, "--steps", 1, "--pipeline-cuts", 4)
     assert proc.returncode != 0 and "--pipeline-cuts needs 1 increasing module indices from 1 to 3" in proc.stderr
     proc = torchrun("dgl", tmp_path / "c", 3, "--k", 2, "--steps", 1)
-    assert proc.returncode != 0 and "--pipeline over 3 processes needs at least 3 modules" in proc.stderr
+    assert proc.returncode != 0 and "--pipeline over 3 stages needs at least 3 modules" in proc.stderr
 
 
 @pytest.mark.slow
@@ -151,3 +155,71 @@ def test_mid_epoch_checkpoint_resumes_exactly_in_another_stage_layout(tmp_path):
     assert_same_run(tmp_path / "straight", tmp_path / "two")
     sequential("dgl", tmp_path / "one", *args, "--resume")  # 2 stages -> one process
     assert_same_run(tmp_path / "straight", tmp_path / "one")
+
+
+PXR_CASES = [("dgl", ["--k", 4]), ("contsup", ["--k", 4, "--context", "R2"])]  # ContSup's context crosses stages
+
+
+@pytest.mark.parametrize("script,args", PXR_CASES, ids=[c[0] for c in PXR_CASES])
+@pytest.mark.slow
+def test_stages_times_replicas_equal_data_parallel_training(tmp_path, script, args):
+    """2 stages x 2 replicas end where 2 data-parallel processes end, bit for bit: each stage's
+    gradients are the same sum of two shards' (commutative), its BatchNorm the same average."""
+    args = [*args, "--epochs", 2]
+    proc = torchrun(script, tmp_path / "dp", 2, *args, layout=())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(script, tmp_path / "pxr", 4, *args, layout=("--pipeline", 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "each on 2 data-parallel replicas" in proc.stdout
+    assert_same_run(tmp_path / "dp", tmp_path / "pxr")
+    dp, pxr = read_json(tmp_path / "dp" / "summary.json"), read_json(tmp_path / "pxr" / "summary.json")
+    assert pxr["rank_max_abs_diff"] == 0.0 and pxr["world_size"] == 4 and pxr["steps"] == 8
+    assert sum((s["modules"] for s in pxr["stages"]), []) == [0, 1, 2, 3] and len(pxr["stages"]) == 2
+    assert pxr["train_flops_per_image"] == dp["train_flops_per_image"]  # every stage counted once, not per replica
+    assert max(s["act_mem_bytes"] for s in pxr["stages"]) == dp["act_mem_bytes"]
+
+
+@pytest.mark.slow
+def test_stages_times_replicas_resume_in_one_process_and_back(tmp_path):
+    args = ["--k", 4, "--epochs", 2]
+    proc = torchrun("dgl", tmp_path / "pxr", 4, *args, "--steps", 4, layout=("--pipeline", 2))  # epoch 1
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epoch1 = read_jsonl(tmp_path / "pxr" / "metrics.jsonl")
+    sequential("dgl", tmp_path / "pxr", *args, "--resume")
+    assert read_jsonl(tmp_path / "pxr" / "metrics.jsonl")[:1] == epoch1
+    assert read_json(tmp_path / "pxr" / "summary.json")["steps"] == 8
+    # A one-process checkpoint goes on as 2 x 2 exactly as under 2 data-parallel processes.
+    sequential("dgl", tmp_path / "pxr1", *args, "--steps", 4)
+    shutil.copytree(tmp_path / "pxr1", tmp_path / "dp1")
+    proc = torchrun("dgl", tmp_path / "pxr1", 4, *args, "--resume", layout=("--pipeline", 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun("dgl", tmp_path / "dp1", 2, *args, "--resume", layout=())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "dp1", tmp_path / "pxr1")
+
+
+LAYOUT_ERRORS = [  # (processes, arguments, error): refused before any process group exists
+    (1, ["--pipeline", 2], "--pipeline 2 needs a multiple of 2 processes (P stages times R replicas), and this run "
+     "has 1"),
+    (4, ["--pipeline", 3], "--pipeline 3 needs a multiple of 3 processes (P stages times R replicas), and this run "
+     "has 4; launch torchrun --nproc_per_node with a multiple of 3"),
+    (4, ["--pipeline", 8], "--pipeline 8 needs a multiple of 8 processes"),
+    (4, ["--pipeline", 2, "--batch-size", 33], "--batch-size 33 does not split over 2 data-parallel replicas"),
+    (4, ["--pipeline", 2, "--batch-size", 2], "--batch-size 2 leaves fewer than 2 images per replica"),
+    (4, ["--pipeline", 1], "--pipeline 1: a pipeline has at least 2 stages"),
+    (4, ["--pipeline", 0], "--pipeline 0: a pipeline has at least 2 stages"),
+]
+
+
+@pytest.mark.parametrize("world,args,error", LAYOUT_ERRORS)
+def test_pipeline_layout_errors_are_one_line(tmp_path, monkeypatch, world, args, error):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(error)}"):
+        run_script("dgl", tmp_path / "a", "--k", 4, *args)
+
+
+def test_more_stages_than_modules_is_one_line():
+    procs = types.SimpleNamespace(stages=3)
+    with pytest.raises(SystemExit, match="--pipeline over 3 stages needs at least 3 modules, and this run has 2"):
+        common.Pipeline(procs, None, None, None, [[0], [1]], None)
