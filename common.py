@@ -1033,7 +1033,8 @@ class Processes:
             import torch._dynamo as _  # noqa: F401
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             if 1 < self.replicas < self.world:  # every process creates every stage's group, in one order
-                groups = [dist.new_group(list(range(s, self.world, self.stages))) for s in range(self.stages)]
+                groups = [dist.new_group(list(range(s, self.world, self.stage_count)))
+                          for s in range(self.stage_count)]
                 self.replica_group = groups[self.stage]
         self.main = self.rank == 0
 
@@ -1042,12 +1043,12 @@ class Processes:
         if args.pipeline is True and self.world < 2:
             die("--pipeline trains one stage per process: launch the script with torchrun --nproc_per_node=P "
                 "(P >= 2 stages)")
-        self.stages = self.world if args.pipeline is True else args.pipeline or 1
-        if self.stages > self.world or self.world % self.stages:
-            die(f"--pipeline {self.stages} needs a multiple of {self.stages} processes (P stages times R replicas), "
-                f"and this run has {self.world}; launch torchrun --nproc_per_node with a multiple of {self.stages}")
-        self.stage, self.data_rank = self.rank % self.stages, self.rank // self.stages
-        self.replicas = self.world // self.stages  # processes that split every batch, this one taking shard data_rank
+        p = self.stage_count = self.world if args.pipeline is True else args.pipeline or 1
+        if p > self.world or self.world % p:
+            die(f"--pipeline {p} needs a multiple of {p} processes (P stages times R replicas), and this run has "
+                f"{self.world}; launch torchrun --nproc_per_node with a multiple of {p}")
+        self.stage, self.data_rank = self.rank % p, self.rank // p
+        self.replicas = self.world // p  # processes that split every batch, this one taking shard data_rank
         if args.batch_size % self.replicas:
             die(f"--batch-size {args.batch_size} does not split over {self.replicas} data-parallel replicas; use a "
                 f"multiple of {self.replicas}")
@@ -1199,7 +1200,7 @@ class Pipeline:
     DEPTH = 2
 
     def __init__(self, procs, args, model, data, modules, step):
-        k, parts = len(modules), procs.stages
+        k, parts = len(modules), procs.stage_count
         if parts > k:
             die(f"--pipeline over {parts} stages needs at least {parts} modules, and this run has {k}; use "
                 f"fewer stages (--pipeline P, --nproc_per_node) or a larger --k")

@@ -220,6 +220,6 @@ def test_pipeline_layout_errors_are_one_line(tmp_path, monkeypatch, world, args,
 
 
 def test_more_stages_than_modules_is_one_line():
-    procs = types.SimpleNamespace(stages=3)
+    procs = types.SimpleNamespace(stage_count=3)
     with pytest.raises(SystemExit, match="--pipeline over 3 stages needs at least 3 modules, and this run has 2"):
         common.Pipeline(procs, None, None, None, [[0], [1]], None)
