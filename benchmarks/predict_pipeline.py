@@ -93,10 +93,16 @@ def main(argv=None):
     p.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8], help="pipeline stages P to predict")
     p.add_argument("--gpus", type=int, default=8, help="devices N for the P x R layouts (R = N / P replicas)")
     p.add_argument("--device", default="cpu", help="where the modules are timed")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads while timing: one, as every process of a "
+                   "pipelined run under torchrun (two made this 2-core machine's module times vary by half)")
     args = p.parse_args(argv)
-    rows = [(case, module_seconds(case, args.device)) for case in map(parse_case, args.cases)]
+    torch.set_num_threads(args.threads)
+    rows = []
+    for case in map(parse_case, args.cases):
+        print("timing the modules of {method}:{arch}:{k}:{dataset}:{batch}".format(**case), file=sys.stderr, flush=True)
+        rows.append((case, module_seconds(case, args.device)))
     machine = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-               else f"{cpu_name()} ({torch.get_num_threads()} threads)")
+               else f"{cpu_name()}, {torch.get_num_threads()} torch thread(s)")
     text = (table(rows, args.stages, args.gpus) + f"\npredicted from module times measured on {machine}, torch "
             f"{torch.__version__}, {datetime.date.today()}; step s: one training step of all modules\n")
     print(text)
