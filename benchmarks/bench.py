@@ -13,7 +13,7 @@ compute relative to bp.py, for the same arch, dataset shape, batch and precision
     python benchmarks/bench.py --preset infopro-star   # InfoPro* Table 3 (ResNet-110, balanced K=2,3,4)
     python benchmarks/bench.py --preset contsup        # ContSup R0/E/R1/R1E, ResNet-32 K=8/16
     python benchmarks/bench.py --preset imagenet       # ResNet-101 K=2 InfoPro*, ResNet-34 AugLocal, 128/GPU
-    python benchmarks/bench.py --preset pipeline --pipeline 2 --steps 24 --device cpu  # module-parallel speed-up
+    python benchmarks/bench.py --preset pipeline --pipeline 2 --steps 24 --device cpu  # pipelined: measured, predicted
     python benchmarks/bench.py --preset predsim        # PredSim / MAN / HPFF at their published K (also: man, hpff)
 
 A case is METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], OPTIONS being the script's own flags joined by
