@@ -1110,12 +1110,17 @@ class Processes:
 
 # ---- Pipeline stages: the K modules cut into P contiguous stages, one process each per replica ----
 
-def probe_modules(model, data, step, k, args, device):
+PROBE_PASSES = 3  # timed passes of every module before a pipelined run (after one warm-up pass)
+
+
+def probe_modules(model, data, step, k, args, device, batch):
     """Training steps of every module on random images, leaving the model as it was. On two images:
     per module its training FLOPs (forward and backward, auxiliary nets included), the parameters
     it gives a gradient and the buffers it updates (which pipeline stage owns them), and the
-    structure of its detached output (what travels to the next stage). On a batch of the run's
-    size, twice (the first pass warms up): the seconds each module's step takes."""
+    structure of its detached output (what travels to the next stage). On `batch` images (what a
+    process trains on per step): the seconds each module's step takes, the least of PROBE_PASSES
+    passes after a warm-up pass (others' work on the machine only adds time; one pass picked
+    near-tied cuts by chance)."""
     state = copy.deepcopy(model.state_dict())
     params, buffers = list(model.parameters()), list(model.buffers())
     was_training = model.training
@@ -1134,22 +1139,27 @@ def probe_modules(model, data, step, k, args, device):
                                  if j not in buffer_owner and not torch.equal(b, old)})
             leaves, spec = tree_flatten(h)
             outputs.append((spec, [(t.shape[1:], t.dtype) for t in leaves if t is not None]))
-        x = torch.randn(args.batch_size, 3, data.image_size, data.image_size, device=device)
-        y = torch.randint(0, data.num_classes, (args.batch_size,), device=device)
-        seconds = [0.0] * k
-        for _ in range(2):
-            h = x
-            for i in range(k):
-                sync(device)
-                start = time.perf_counter()
-                with autocast(args, device):
-                    h, _, _ = run_modules(step, [i], h, x, y)
-                sync(device)
-                seconds[i] = time.perf_counter() - start
+        x = torch.randn(batch, 3, data.image_size, data.image_size, device=device)
+        y = torch.randint(0, data.num_classes, (batch,), device=device)
+        passes = [time_modules(step, k, x, y, args, device) for _ in range(1 + PROBE_PASSES)]
+        seconds = np.min(passes[1:], axis=0).tolist()
     model.load_state_dict(state)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return flops, seconds, param_owner, buffer_owner, outputs
+
+
+def time_modules(step, k, x, y, args, device):
+    """The seconds of each module's training step in one pass of the batch through all K."""
+    seconds, h = [], x
+    for i in range(k):
+        sync(device)
+        start = time.perf_counter()
+        with autocast(args, device):
+            h, _, _ = run_modules(step, [i], h, x, y)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def balanced_cuts(costs, parts):
@@ -1204,8 +1214,8 @@ class Pipeline:
         if parts > k:
             die(f"--pipeline over {parts} stages needs at least {parts} modules, and this run has {k}; use "
                 f"fewer stages (--pipeline P, --nproc_per_node) or a larger --k")
-        flops, seconds, param_owner, buffer_owner, self.outputs = probe_modules(model, data, step, k, args,
-                                                                                procs.device)
+        flops, seconds, param_owner, buffer_owner, self.outputs = probe_modules(
+            model, data, step, k, args, procs.device, args.batch_size // procs.replicas)
         seconds = procs.all_sum(torch.tensor(seconds, dtype=torch.float64, device=procs.device)).tolist()  # all agree
         cuts = args.pipeline_cuts or balanced_cuts(seconds, parts)
         if len(cuts) != parts - 1 or list(cuts) != sorted(set(cuts)) or not 0 < cuts[0] <= cuts[-1] < k:
@@ -1223,13 +1233,15 @@ class Pipeline:
         self.buffers = [owned(list(model.buffers()), buffer_owner, s) for s in range(parts)]
         share = lambda costs: [sum(costs[i] for i in stage) / max(sum(costs), 1e-12) for stage in self.stages]
         self.time_share, self.flops_share = share(seconds), share(flops)
+        self.speedup = 1 / max(self.time_share)  # the step time over the slowest stage's: what the cut should give
         self.pending = collections.deque()
         if procs.main and not args.quiet:
             described = [f"stage {s}: modules {st.start}-{st.stop - 1} (layers {modules[st.start][0]}-"
                          f"{modules[st.stop - 1][-1]}), {busy:.0%} of the step time, {flops:.0%} of the FLOPs"
                          for s, (st, busy, flops) in enumerate(zip(self.stages, self.time_share, self.flops_share))]
             replicas = f", each on {procs.replicas} data-parallel replicas" if procs.replicas > 1 else ""
-            print("pipeline: " + "; ".join(described) + replicas, flush=True)
+            print("pipeline: " + "; ".join(described) + f"{replicas}; predicted speed-up {self.speedup:.2f}x",
+                  flush=True)
 
     def receive(self, x, batch):
         if self.stage == 0:
@@ -1794,6 +1806,7 @@ def summarize(run, model, modules):
     }
     if a.pipeline:
         summary["stages"] = run.stages.report(m.act_mem_bytes)
+        summary["predicted_speedup"] = round(run.stages.speedup, 4)  # from the probe's module times
         flops = torch.tensor([m.train_flops_per_image or 0.0], dtype=torch.float64, device=run.device)
         summary["train_flops_per_image"] = procs.all_sum(flops).item() / procs.replicas  # each stage counted its own
     if procs.world > 1:

@@ -13,7 +13,7 @@ compute relative to bp.py, for the same arch, dataset shape, batch and precision
     python benchmarks/bench.py --preset infopro-star   # InfoPro* Table 3 (ResNet-110, balanced K=2,3,4)
     python benchmarks/bench.py --preset contsup        # ContSup R0/E/R1/R1E, ResNet-32 K=8/16
     python benchmarks/bench.py --preset imagenet       # ResNet-101 K=2 InfoPro*, ResNet-34 AugLocal, 128/GPU
-    python benchmarks/bench.py --preset pipeline --pipeline 2 --steps 24 --device cpu  # module-parallel speed-up
+    python benchmarks/bench.py --preset pipeline --pipeline 2 --steps 24 --device cpu  # pipelined: measured, predicted
     python benchmarks/bench.py --preset predsim        # PredSim / MAN / HPFF at their published K (also: man, hpff)
 
 A case is METHOD:ARCH:K:DATASET:BATCH[:OPTIONS], OPTIONS being the script's own flags joined by
@@ -116,21 +116,24 @@ def run_pipeline_case(case, procs, steps, device, extra, workdir):
         with open(os.path.join(out, "summary.json")) as f:
             summary = json.load(f)
         result.update({mode: summary["images_per_s"], "device": summary["device"], "torch": summary["torch"],
-                       "stages": summary.get("stages", result.get("stages"))})
+                       "stages": summary.get("stages", result.get("stages")),
+                       "predicted": summary.get("predicted_speedup", result.get("predicted"))})
     return result
 
 
 def pipeline_table(rows, procs):
-    lines = [f"| method | arch | K | data | batch | images/s, 1 process | images/s, {procs} stages | speed-up | "
-             "stages: modules (share of step time / of FLOPs, activation MiB) |", "|---" * 9 + "|"]
+    """Measured speed-up beside the predicted one: the probe's step time over its slowest stage's."""
+    lines = [f"| method | arch | K | data | batch | images/s, 1 process | images/s, {procs} stages | speed-up, "
+             "predicted | speed-up, measured | stages: modules (share of step time / of FLOPs, activation MiB) |",
+             "|---" * 10 + "|"]
     for r in rows:
         head = f"| {r['method']} | {r['arch']} | {r['k']} | {r['dataset']} | {r['batch']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | | |")
             continue
         stages = "; ".join(f"{s['modules'][0]}-{s['modules'][-1]} ({s['time_share']:.0%} / {s['flops_share']:.0%}, "
                            f"{s['act_mem_bytes'] / 2**20:.0f})" for s in r["stages"])
-        lines.append(f"{head} {r['sequential']:.1f} | {r['pipelined']:.1f} | "
+        lines.append(f"{head} {r['sequential']:.1f} | {r['pipelined']:.1f} | {r['predicted']:.2f}x | "
                      f"{r['pipelined'] / r['sequential']:.2f}x | {stages} |")
     ok = [r for r in rows if "error" not in r]
     if ok:

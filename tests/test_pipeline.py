@@ -67,6 +67,7 @@ def test_pipeline_equals_sequential_training(tmp_path, script, args):
         stages = summary["stages"]
         assert len(stages) == procs and sum((s["modules"] for s in stages), []) == list(range(len(seq["modules"])))
         assert abs(sum(s["flops_share"] for s in stages) - 1) < 1e-3
+        assert abs(summary["predicted_speedup"] - 1 / max(s["time_share"] for s in stages)) < 1e-2
         assert summary["rank_max_abs_diff"] == 0.0  # every process holds the whole trained model
         assert summary["final_test_acc"] == seq["final_test_acc"] and summary["steps"] == 6
         # Each stage saves only its own modules' activations; the local backwards free them module by
@@ -135,9 +136,24 @@ def test_bench_compares_one_process_with_pipelined_stages():
     import bench
     rows = bench.main(["--cases", "dgl:resnet32:4:cifar10:16", "--pipeline", "2", "--steps", "3", "--device", "cpu"])
     (row,) = rows
-    assert "error" not in row and row["sequential"] > 0 and row["pipelined"] > 0
+    assert "error" not in row and row["sequential"] > 0 and row["pipelined"] > 0 and 1 <= row["predicted"] <= 2
     assert sum((s["modules"] for s in row["stages"]), []) == [0, 1, 2, 3]  # cut by measured time
     assert "| dgl | resnet32 | 4 | cifar10 | 16 |" in bench.pipeline_table(rows, 2)
+
+
+@pytest.mark.slow
+def test_predict_pipeline_cuts_measured_module_times():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import predict_pipeline
+    assert predict_pipeline.speedup([1, 1, 1, 1], 2) == 2 and predict_pipeline.speedup([3, 1, 1, 1], 2) == 2
+    assert predict_pipeline.speedup([3, 1, 1, 1], 4) == 2 and predict_pipeline.speedup([1, 1], 4) is None
+    ((case, seconds),) = predict_pipeline.main(["--cases", "dgl:resnet32:4:cifar10:8", "--stages", "2", "4"])
+    assert case["k"] == 4 and len(seconds) == 4 and min(seconds) > 0
+    table = predict_pipeline.table([(case, [1, 1, 1, 1])], [2, 4], 8)
+    assert "| 2 stages | 4 stages | 8 GPUs: 2 x 4 | 8 GPUs: 4 x 2 |" in table
+    assert "| 2.00x | 4.00x | 8.00x | 8.00x |" in table
+    with pytest.raises(SystemExit, match="mlaan.py cannot pipeline its modules"):
+        predict_pipeline.main(["--cases", "mlaan:resnet32:4:cifar10:8"])
 
 
 @pytest.mark.slow
