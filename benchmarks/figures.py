@@ -7,7 +7,7 @@ every backward, aux nets and context encoders included) come from its summary.js
 markdown table of ratios to bp.py (figures.md) and a PNG figure (figures.png), plus the InfoPro*
 Table 3 rows beside the paper's ratios.
 
-    python benchmarks/figures.py                      # about 20 minutes on 2 shared CPU cores
+    python benchmarks/figures.py                      # about a minute on 2 idle CPU cores (20 when they are busy)
     python benchmarks/figures.py --out /tmp/fig --archs resnet32 --ks 2 4 --methods bp dgl   # a subset
 
 Batches are small (ResNet-32: 8, ResNet-110: 4 CIFAR-sized or 2 STL-10-sized images), to keep the
