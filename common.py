@@ -1720,13 +1720,13 @@ class Run:
         if nonfinite(model).item():
             die_nonfinite(self, epoch, lr, model)
         aug = self.data.aug_gen.get_state() if self.data.aug_gen is not None else torch.zeros(0, dtype=torch.uint8)
-        # One entry per data-parallel replica, whatever the stage layout: each process holds the sums
-        # of the modules it trains, so adding a replica's processes adds zeros only (exact).
-        replica_of = self.procs.gather(torch.tensor([self.procs.data_rank]))
-        members = [[i for i, r in enumerate(replica_of) if r == replica] for replica in range(self.procs.replicas)]
-        stats, augs = self.procs.gather(meter.state()), self.procs.gather(aug)
-        partial = {"epoch": epoch, "batch": self.batch, "stats": [sum(stats[i] for i in m) for m in members],
-                   "aug": [augs[m[0]] for m in members], "replicas": self.procs.replicas}
+        # One entry per data-parallel replica, whatever the stage layout: replica r is ranks r * P to
+        # r * P + P - 1 (Processes), each holding the sums of the modules it trains, so adding them
+        # adds zeros only (exact); its stages share one augmentation state.
+        p, stats, augs = self.procs.stage_count, self.procs.gather(meter.state()), self.procs.gather(aug)
+        partial = {"epoch": epoch, "batch": self.batch, "stats": [sum(stats[r * p:(r + 1) * p])
+                                                                  for r in range(self.procs.replicas)],
+                   "aug": augs[::p], "replicas": self.procs.replicas}
         self._save(model, opt, epoch - 1, partial)
         self.measure.resume()
 
