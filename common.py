@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -165,9 +164,8 @@ def imagenet_backbone(arch, num_classes):
 
 def build_backbone(args, data, device):
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    if args.arch in IMAGENET_ARCHS:
-        return imagenet_backbone(args.arch, data.num_classes).to(device)
-    return cifar_resnet(args.arch, data.num_classes).to(device)
+    build = imagenet_backbone if args.arch in IMAGENET_ARCHS else cifar_resnet
+    return build(args.arch, data.num_classes).to(device)
 
 
 @torch.no_grad()
@@ -188,7 +186,7 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ---- Splitting the layers into K gradient-isolated modules ---------------------------------------
+# ---- Splits: the layers cut into K gradient-isolated modules (the official tables) ---------------
 
 # Official InfoPro split tables (networks/configs.py), written as the global layer index after which
 # each cut falls (0 = stem, block b of stage s = 1 + (s-1)*n + b).
@@ -262,7 +260,7 @@ CIFAR_MEAN, CIFAR_STD = (125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62
 HALF = (0.5, 0.5, 0.5)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     num_classes: int
     image_size: int
@@ -314,8 +312,7 @@ def synthetic_images(n, seed, size=32, num_classes=10):
 def fake_images(spec, n, seed):
     """Random uint8 images and labels of a dataset's shape: data for speed and memory benchmarks."""
     g = torch.Generator().manual_seed(seed)
-    size = spec.image_size
-    return (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+    return (torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=g),
             torch.randint(0, spec.num_classes, (n,), generator=g))
 
 
@@ -406,19 +403,15 @@ class Data:
     """A small dataset resident on the training device as uint8, augmented per batch on the device."""
 
     def __init__(self, name, train, test, device, channels_last=False, augment=True):
-        self.name, self.spec = name, DATASETS[name]
+        self.name, self.spec, self.device, self.augment_train = name, DATASETS[name], device, augment
         as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
-        self.train_x, self.train_y, self.test_x, self.test_y = (
-            as_tensor(a).to(device) for a in (*train, *test))
-        self.train_y, self.test_y = self.train_y.long(), self.test_y.long()
+        (self.train_x, self.train_y), (self.test_x, self.test_y) = (
+            (as_tensor(x).to(device), as_tensor(y).to(device).long()) for x, y in (train, test))
         self.num_classes, self.image_size = self.spec.num_classes, self.train_x.shape[-1]
-        self.mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
-        self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.augment_train = augment
-        self.aug_gen = None  # the running epoch's augmentation generator (its state goes into mid-epoch checkpoints)
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (self.spec.mean, self.spec.std))
         self.num_train = len(self.train_y)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.aug_gen = None  # the running epoch's augmentation generator (its state goes into mid-epoch checkpoints)
 
     def steps_per_epoch(self, batch_size, world=1):
         return full_batches(self.num_train, batch_size, 2 * world)
@@ -522,8 +515,7 @@ class ImageFolderData:
                                      [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
         self.name, self.spec, self.image_size = "imagenet", spec, size
         self.num_classes, self.num_train, self.aug_gen = len(self.train_set.classes), len(self.train_set), None
-        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
         self.device, self.workers, self.resident_bytes = device, args.workers, 0
         if self.workers:
             atexit.unregister(_kill_workers_at_exit)  # once, however many loaders a process builds
@@ -593,7 +585,7 @@ def load_data(args, device):
     return Data(args.dataset, train, test, device, args.channels_last, augment=not args.no_augment)
 
 
-# ---- Arguments and the training protocol ---------------------------------------------------------
+# ---- Arguments: the shared command line and the training protocol (schedule, optimizer) ----------
 
 # Arguments that may change when a run is resumed; every other one must match the checkpoint's (args.json).
 # A pipelined and a sequential run train the same model, so either may resume the other.
@@ -620,11 +612,9 @@ def per_dataset(specs, field):
 
 
 def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None, no_pipeline=None):
-    """The shared command line. Dataset-dependent defaults (batch, lr, schedule) are filled in
-    after parsing; `k` and `epochs` are the method's paper defaults, and `imagenet` its ImageNet
-    `epochs`, `batch_size` and `lr` where they differ from InfoPro's (90, 1024, 0.4), and its `k`
-    per network ({arch: K}) where that is not `k`. A method that cannot train its modules as
-    pipeline stages gives the reason as `no_pipeline`."""
+    """The shared command line, with per-dataset defaults filled in. `k`, `epochs`: the method's
+    paper defaults; `imagenet`: its ImageNet `epochs`, `batch_size`, `lr` where they differ from
+    InfoPro's (90, 1024, 0.4) and `k` per network ({arch: K}); `no_pipeline`: why it cannot pipeline."""
     imagenet = dict(imagenet or {})
     k_by_arch = imagenet.pop("k", {})
     imagenet = dataclasses.replace(DATASETS["imagenet"], **{"epochs": 90, **imagenet})
@@ -638,49 +628,37 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     p.add_argument("--split", default="official", help="official | even | balanced (InfoPro*)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {epochs} (the paper's); synthetic "
                    f"{specs['synthetic'].epochs}, imagenet {specs['imagenet'].epochs}")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"global batch; default per dataset: {per_dataset(specs, 'batch_size')}")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"initial lr; default per dataset: {per_dataset(specs, 'lr')}")
+    p.add_argument("--batch-size", type=int, help="global batch; default " + per_dataset(specs, "batch_size"))
+    p.add_argument("--lr", type=float, default=None, help=f"initial lr; default {per_dataset(specs, 'lr')}")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum of the SGD optimizer")
-    p.add_argument("--weight-decay", type=float, default=1e-4,
-                   help="weight decay of every parameter (backbone and auxiliary nets)")
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help="epochs of blend from lr 0.01 into the cosine; default per dataset: "
-                   + per_dataset(specs, "warmup_epochs"))
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the initial weights, the data order and the augmentation (and the synthetic set)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay of every parameter (aux nets too)")
+    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs of blend from lr 0.01 into the cosine; "
+                   "default " + per_dataset(specs, "warmup_epochs"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and augmentation")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="output folder; default runs/<method>-<dataset>-<arch>-k<K>")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--steps", type=int, default=None,
-                   help="stop after this many optimizer steps (default: train every epoch)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (default: all)")
     p.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
     p.add_argument("--image-size", type=int, default=224, help="ImageNet training crop (smaller for quick runs)")
-    p.add_argument("--subset", type=int, default=None, metavar="N",
-                   help="use only the first N training and N test images (quick checks; default: all)")
-    p.add_argument("--fake-data", action="store_true",
-                   help="random images of the dataset's shape instead of its files (benchmarks)")
+    p.add_argument("--subset", type=int, default=None, metavar="N", help="only the first N training and N test "
+                   "images (quick checks; default: all)")
+    p.add_argument("--fake-data", action="store_true", help="random images of the dataset's shape (benchmarks)")
     p.add_argument("--no-augment", action="store_true", help="train on the images as they are (no crop, no flip)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (no grad scaler); fp32 by default")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and data")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile every layer, the head and every auxiliary net (backwards stay per module)")
-    p.add_argument("--save-every", type=int, default=None, metavar="N",
-                   help=f"also checkpoint every N steps within an epoch (0: at epoch ends only); default "
-                   f"{SAVE_EVERY_IMAGENET} on imagenet, else 0")
+    p.add_argument("--compile", action="store_true", help="torch.compile every layer, the head and every "
+                   "auxiliary net (backwards stay per module)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N", help=f"also checkpoint every N steps "
+                   f"within an epoch (0: at epoch ends only); default {SAVE_EVERY_IMAGENET} on imagenet, else 0")
     p.add_argument("--quiet", action="store_true", help="no start and progress lines (the JSON lines stay)")
     p.add_argument("--pipeline", type=int, nargs="?", const=True, default=False, metavar="P",
-                   help="under torchrun --nproc_per_node=N: train the K modules as P pipelined stages, each on "
-                   "N/P data-parallel replicas (rank r: stage r %% P, replica r // P), the same result as N/P "
-                   "data-parallel processes; --pipeline alone: P = N, every process a stage (default: no "
-                   "pipeline, every process a data-parallel replica)")
-    p.add_argument("--pipeline-cuts", type=int, nargs="+", default=None, metavar="M",
-                   help="with --pipeline: the first module of every stage after the first (P-1 increasing "
-                   "indices); default: cuts that balance the stages' measured step times")
+                   help="under torchrun --nproc_per_node=N: the K modules as P pipelined stages times N/P data-"
+                   "parallel replicas (rank r: stage r %% P, replica r // P); alone: P = N (default: data parallel)")
+    p.add_argument("--pipeline-cuts", type=int, nargs="+", default=None, metavar="M", help="the first module of "
+                   "every stage after the first; default: cuts that balance the stages' measured step times")
     p.add_argument("--module-acc", action="store_true",
-                   help="also evaluate every module's auxiliary classifier on the test split each epoch (one "
-                   "more pass of the local modules)")
+                   help="also every module's auxiliary classifier's test accuracy (one more pass of the modules)")
     if add_method_args:
         add_method_args(p)
     args = p.parse_args(argv)
@@ -754,15 +732,14 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
 
-# ---- The local step: the modules of a batch one after another, and their statistics --------------
+# ---- Local step: the modules of a batch one after another, and their statistics ------------------
 
 def run_modules(step, ids, h, x, y, backward=True):
-    """The method's local step of modules `ids` in order, from h (the input of the first):
-    `step(i, h, x, y)` returns module i's output, its local loss and its auxiliary classifier's
-    logits (None where it has none); the loss is back-propagated at once and the output detached
-    before the next module, so no gradient crosses a module boundary and each module's
-    activations are freed right away. Returns the last output and every module's loss and
-    logits, detached."""
+    """The method's local step of modules `ids` in order, from h (the first one's input):
+    `step(i, h, x, y)` gives module i's output, local loss and auxiliary logits (or None). Each
+    loss is back-propagated at once and the output detached, so no gradient crosses a module
+    boundary and each module's activations are freed right away. Returns the last output and
+    every module's loss and logits, detached."""
     losses, logits = [], []
     for i in ids:
         h, loss, scores = step(i, h, x, y)
@@ -848,27 +825,24 @@ class SavedTensorMeter:
 
     def __init__(self, params):
         self.param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.live, self.bytes, self.peak = {}, 0, 0
+        self.holders, self.bytes, self.peak = collections.Counter(), 0, 0  # saved tensors per storage
 
     def _pack(self, t):
         storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.param_storages or storage.nbytes() == 0:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if key in self.param_storages or size == 0:
             return t
-        if key in self.live:
-            self.live[key][0] += 1
-        else:
-            self.live[key] = [1, storage.nbytes()]
-            self.bytes += storage.nbytes()
+        if self.holders[key] == 0:
+            self.bytes += size
             self.peak = max(self.peak, self.bytes)
-        return _Held(self, key, t)
+        self.holders[key] += 1
+        return _Held(self, key, size, t)
 
-    def _release(self, key):
-        entry = self.live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.bytes -= entry[1]
-            del self.live[key]
+    def _release(self, key, size):
+        self.holders[key] -= 1
+        if self.holders[key] == 0:
+            self.bytes -= size
+            del self.holders[key]
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor if isinstance(h, _Held) else h)
@@ -876,13 +850,13 @@ class SavedTensorMeter:
 
 class _Held:
     """A saved tensor; when autograd drops it (after backward) its bytes stop counting."""
-    __slots__ = ("meter", "key", "tensor")
+    __slots__ = ("meter", "key", "size", "tensor")
 
-    def __init__(self, meter, key, tensor):
-        self.meter, self.key, self.tensor = meter, key, tensor
+    def __init__(self, meter, key, size, tensor):
+        self.meter, self.key, self.size, self.tensor = meter, key, size, tensor
 
     def __del__(self):
-        self.meter._release(self.key)
+        self.meter._release(self.key, self.size)
 
 
 def sync(device):
@@ -891,11 +865,10 @@ def sync(device):
 
 
 class Measurements:
-    """What a process measures of its own training: the bytes saved for backward and the FLOPs
-    (forward and every backward) of its first step, counted there only so that neither slows a
-    timed step; the FLOPs of its first inference batch; from WARMUP_STEPS on, with evaluation
-    left out, the CUDA peak of the training steps and the images per second; and the wall time
-    of the run across resumes. FIELDS travel in checkpoints, so that summary.json keeps them."""
+    """What a process measures of its training: the bytes saved for backward and the FLOPs of its
+    first step (only there, so that neither slows a timed step) and of its first inference batch;
+    from WARMUP_STEPS on, evaluation left out, the CUDA peak and the images per second; the wall
+    time across resumes. FIELDS travel in checkpoints, so that summary.json keeps them."""
     FIELDS = ("act_mem_bytes", "peak_mem_bytes", "peak_reserved_bytes", "timed_images", "timed_s",
               "train_flops_per_image", "inference_flops_per_image")
 
@@ -925,15 +898,15 @@ class Measurements:
         for name, value in state.items():
             setattr(self, name, value)
 
+    @contextlib.contextmanager
     def first_step(self):
         """Count the saved bytes and the FLOPs of the step under way if it is this process's first."""
         if self.process_steps != 0:
-            return contextlib.nullcontext()
+            yield
+            return
         self._flops = FlopCounterMode(display=False)
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.saved_tensors.hooks())
-        stack.enter_context(self._flops)
-        return stack
+        with self.saved_tensors.hooks(), self._flops:
+            yield
 
     @contextlib.contextmanager
     def inference_flops(self, images):
@@ -950,12 +923,9 @@ class Measurements:
         pipeline stage times from a full start (the later stages are still on the slow first steps,
         FLOP counting and cuDNN autotuning, otherwise)."""
         if self.process_steps == WARMUP_STEPS:
-            sync(self.device)
             if all_processes:
                 dist.barrier()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            self._t0 = time.perf_counter()
+            self.resume()
 
     def after_step(self, batch):
         if self.process_steps == 0:
@@ -979,6 +949,7 @@ class Measurements:
                 self.peak_reserved_bytes = max(self.peak_reserved_bytes or 0, reserved)
 
     def resume(self):
+        """(Re)start the clock once past the warm-up steps."""
         if self.process_steps >= WARMUP_STEPS:
             sync(self.device)
             if self.device.type == "cuda":
@@ -996,14 +967,11 @@ class Measurements:
 # ---- Processes: one, or pipeline stages x data-parallel replicas (torchrun), and their collectives ----
 
 class Processes:
-    """This process's place in the run and the collectives between the processes. Without
-    torchrun: one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) the N processes are P
-    pipeline stages (1 without --pipeline, N with a plain --pipeline) times R = N / P data-parallel
-    replicas, each replica on its shard of every global batch. Rank r is stage r % P of replica
-    r // P: every P consecutive ranks form one whole pipeline, so on a node with a multiple of P
-    GPUs the activations sent every step never leave the node; only a stage's gradient all-reduce
-    does. The device is resolved here and written back to args.device, so that args.json and the
-    checkpoint say what was used."""
+    """This process's place in the run, its device and the collectives. Under torchrun the N
+    processes are P pipeline stages (1 without --pipeline, N with a plain --pipeline) times
+    R = N / P data-parallel replicas, each on its shard of every batch. Rank r is stage r % P of
+    replica r // P: P consecutive ranks are one pipeline, so the activations sent every step stay
+    on a node; only a stage's gradient all-reduce leaves it. args.device is resolved here."""
 
     def __init__(self, args):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1108,19 +1076,17 @@ class Processes:
             dist.destroy_process_group()
 
 
-# ---- Pipeline stages: the K modules cut into P contiguous stages, one process each per replica ----
+# ---- Pipeline: the K modules cut into P contiguous stages, one process each per replica ----------
 
 PROBE_PASSES = 3  # timed passes of every module before a pipelined run (after one warm-up pass)
 
 
 def probe_modules(model, data, step, k, args, device, batch):
-    """Training steps of every module on random images, leaving the model as it was. On two images:
-    per module its training FLOPs (forward and backward, auxiliary nets included), the parameters
-    it gives a gradient and the buffers it updates (which pipeline stage owns them), and the
-    structure of its detached output (what travels to the next stage). On `batch` images (what a
-    process trains on per step): the seconds each module's step takes, the least of PROBE_PASSES
-    passes after a warm-up pass (others' work on the machine only adds time; one pass picked
-    near-tied cuts by chance)."""
+    """Training steps of every module on random images, leaving the model as it was. On two images,
+    per module: its training FLOPs, the parameters it gives a gradient and the buffers it updates
+    (the stage that owns them) and its output's structure (what travels to the next stage). On
+    `batch` images: each module's seconds, the least of PROBE_PASSES passes after a warm-up (others'
+    work on the machine only adds time; one pass picked near-tied cuts by chance)."""
     state = copy.deepcopy(model.state_dict())
     params, buffers = list(model.parameters()), list(model.buffers())
     was_training = model.training
@@ -1196,17 +1162,14 @@ class OneStage:
 
 
 class Pipeline:
-    """Module-parallel training: the K modules cut into P contiguous stages, stage s trained by
-    process s of every replica (Processes: rank replica * P + s). No gradient crosses a module
-    boundary, so a stage needs from the previous one only the detached output of its last module
-    (point-to-point messages of torch.distributed, within the replica); it draws its shard of the
-    batch itself (the same deterministic shard on every stage of a replica), steps the parameters
-    its modules own (their gradients averaged over the stage's replicas) and sends its output on
-    while the next stage still works on the previous batch (at most DEPTH batches in flight).
-    Module j's update depends only on its input and its own loss, so the run equals the
-    data-parallel one of R processes (one process when R = 1). At the end of every epoch each
-    stage sends its parameters, buffers and momentum to the others, so every process holds the
-    whole model for evaluation and checkpoints (the same as a data-parallel run's)."""
+    """Module-parallel training: the K modules cut into P contiguous stages, stage s trained by rank
+    replica * P + s. No gradient crosses a module boundary, so a stage needs from the previous one
+    only its last module's detached output (point-to-point, within the replica). Each stage draws
+    its replica's shard of the batch itself, steps the parameters its modules own (gradients
+    averaged over the stage's replicas) and sends its output on while the next stage works on the
+    previous batch (at most DEPTH in flight). Module j's update depends only on its input and its
+    loss, so the run equals the data-parallel one of R processes. At every epoch end each stage
+    sends its parameters, buffers and momentum to all, so every process holds the whole model."""
     DEPTH = 2
 
     def __init__(self, procs, args, model, data, modules, step):
@@ -1298,15 +1261,13 @@ class Pipeline:
                 for stage, busy, flops, m in zip(self.stages, self.time_share, self.flops_share, gathered)]
 
 
-# ---- The run folder: args.json, metrics.jsonl, checkpoint.pt and summary.json, written atomically ----
+# ---- Run folder: args.json, metrics.jsonl, checkpoint.pt and summary.json, written atomically ----
 
 class RunFolder:
-    """The run's folder (--out) and its files, written by the main process only. A folder holds
-    one run once it has a checkpoint: a fresh start refuses it, a resume must have the same
-    arguments; a run that stopped before its first checkpoint (bad data or arguments, a crash or
-    kill in epoch 1) leaves nothing that blocks a new start. While a run is alive it holds an
-    exclusive lock on the folder's `.lock` file (advisory, released by the kernel however the
-    process ends): a second run in the folder, fresh or --resume, stops at once."""
+    """The run's folder (--out) and its files, written by the main process only. A folder holds one
+    run once it has a checkpoint: a fresh start refuses it, a resume must have the same arguments;
+    a run that died before its first checkpoint blocks nothing. A live run holds an exclusive lock
+    on `.lock` (released by the kernel however the process ends): a second run there stops at once."""
     _locked = []  # the lock file this process holds, if any
 
     def __init__(self, args, procs):
@@ -1328,7 +1289,7 @@ class RunFolder:
                 for tmp in glob.glob(os.path.join(glob.escape(args.out), "*.tmp[0-9]*")):
                     os.remove(tmp)  # left by a process killed while it was saving
             if not args.resume:  # clear what an attempt that died before its first checkpoint left
-                atomic_write_text(self.metrics, "")
+                atomic_write(self.metrics, "")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.out, "summary.json"))
 
@@ -1355,7 +1316,7 @@ class RunFolder:
     def write_args(self):
         """args.json: the arguments of a fresh start, as resolved (the model was built with them)."""
         if self.main:
-            atomic_write_text(os.path.join(self.args.out, "args.json"), json.dumps(vars(self.args), indent=2) + "\n")
+            atomic_write(os.path.join(self.args.out, "args.json"), json.dumps(vars(self.args), indent=2) + "\n")
 
     def load(self, model, opt, device):
         """The checkpoint, checked against this run's arguments and loaded into model and opt."""
@@ -1399,7 +1360,7 @@ class RunFolder:
 
     def save(self, ckpt):
         if self.main:
-            atomic_save(ckpt, self.checkpoint)
+            atomic_write(self.checkpoint, ckpt)
 
     def trim_metrics(self, epoch):
         """Drop metrics.jsonl's lines after `epoch` (work after the checkpoint of a run stopped
@@ -1421,7 +1382,7 @@ class RunFolder:
                 die(f"{self.metrics} line {i + 1} is not an epoch's entry; repair or delete that line")
             if entry["epoch"] <= epoch:
                 kept.append(line + "\n")
-        atomic_write_text(self.metrics, "".join(kept))
+        atomic_write(self.metrics, "".join(kept))
 
     def append_metrics(self, line):
         if self.main:
@@ -1431,7 +1392,7 @@ class RunFolder:
 
     def write_summary(self, summary):
         if self.main:
-            atomic_write_text(os.path.join(self.args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+            atomic_write(os.path.join(self.args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -1450,19 +1411,16 @@ def writing(path, tmp=None):
         die(f"cannot write {path} ({reason}); free disk space or choose another --out")
 
 
-def atomic_write_text(path, text):
+def atomic_write(path, content):
+    """Write text (or any object, by torch.save) to a temporary file and rename it: a crash never
+    leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with writing(path, tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file and rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with writing(path, tmp):
-        torch.save(obj, tmp)
+        if isinstance(content, str):
+            with open(tmp, "w") as f:
+                f.write(content)
+        else:
+            torch.save(content, tmp)
         os.replace(tmp, path)
 
 
@@ -1520,11 +1478,10 @@ class StopRequest:
             self._vote = None
 
     def requested(self, steps, now=False):
-        """Whether to stop after this step. A plain flag in one process; under torchrun every
-        process must stop at the same step (one that went on would wait in the next collective),
-        so they sum their flags every STOP_CHECK_STEPS steps, and at every epoch end (`now`).
-        Within an epoch the sum is started without waiting and read STOP_CHECK_STEPS steps later,
-        so that no process waits for the others there (pipeline stages run a few batches apart)."""
+        """Whether to stop after this step. Under torchrun every process must stop at the same step
+        (one that went on would wait in the next collective): they sum their flags every
+        STOP_CHECK_STEPS steps, read STOP_CHECK_STEPS steps later so that no one waits there
+        (stages run batches apart), and at every epoch end (`now`)."""
         if self.signal is None and self.launcher is not None and os.getppid() != self.launcher:
             self.signal = signal.SIGTERM  # orphaned: this process now belongs to init (or a subreaper)
         if self.procs.world == 1:
@@ -1545,7 +1502,7 @@ class StopRequest:
         return stop
 
 
-# ---- Progress lines: the start line, then one every PROGRESS_STEPS steps or PROGRESS_S seconds ----
+# ---- Progress: the start line, then one every PROGRESS_STEPS steps or PROGRESS_S seconds ---------
 
 PROGRESS_STEPS, PROGRESS_S = 500, 60.0  # a progress line after this many steps or seconds, whichever first
 FIRST_LINE_STEPS = WARMUP_STEPS + 3      # and one after a process's first few timed steps
@@ -1602,17 +1559,15 @@ def _hms(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-# ---- The run: the parts above put together, the training position and the epoch loop's hooks -----
+# ---- Run: the parts above put together, the training position and the epoch loop's hooks ---------
 
 class Run:
-    """One training run as main() and train_epoch see it. It composes the processes (`procs`), the
-    run folder (`folder`), the measurements (`measure`), the stop request (`stop`), the progress
-    lines (`progress`) and the modules this process trains (`stages`), and keeps where the training
-    stands: the epoch to start from, the steps taken, the batch within the epoch, the accuracy."""
+    """One training run as main() and train_epoch see it: the parts above (`procs`, `folder`,
+    `measure`, `stop`, `progress`, `stages`: the modules this process trains) put together, and
+    where the training stands (the epoch to start from, the steps, the batch in the epoch, accuracy)."""
 
     def __init__(self, args):
-        self.args = args
-        self.procs = Processes(args)
+        self.args, self.procs = args, Processes(args)
         self.device, self.main = self.procs.device, self.procs.main
         self.folder = RunFolder(args, self.procs)
         self.measure = Measurements(self.device, self.procs.replicas)
@@ -1626,10 +1581,9 @@ class Run:
         self.data, self.steps_per_epoch, self.step, self.k = None, 0, None, None
 
     def start(self, model, opt, data, modules, step):
-        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1 (cut into pipeline
-        stages with --pipeline), resume from the checkpoint if asked (else record the arguments, as
-        the model was built with them), catch SIGTERM / SIGINT, print the start line and apply
-        --channels-last and --compile. Returns the epochs to train."""
+        """Take the method's local step `step(i, h, x, y)` of modules 0..K-1 (as stages with
+        --pipeline), resume if asked (else record the arguments), catch SIGTERM / SIGINT, print the
+        start line, apply --channels-last and --compile. Returns the epochs to train."""
         args = self.args
         self.data, self.steps_per_epoch = data, data.steps_per_epoch(args.batch_size, self.procs.replicas)
         if self.steps_per_epoch == 0:
@@ -1669,9 +1623,8 @@ class Run:
 
     # -- the epoch loop's hooks (no host sync per step, except to print or save) -----------------------
     def begin_epoch(self, epoch, meter):
-        """Where the epoch's batches start: from zero, or where a mid-epoch checkpoint stopped (its
-        statistics go into `meter`; the batches done and the augmentation generator's state), so
-        that the resumed epoch is the uninterrupted one."""
+        """Where the epoch's batches start: from zero, or where a mid-epoch checkpoint stopped (with
+        its statistics in `meter` and its augmentation state), so that it equals the uninterrupted one."""
         self.batch, position = 0, {}
         if self.partial is not None and self.partial["epoch"] == epoch:
             p, self.partial = self.partial, None
@@ -1814,7 +1767,7 @@ def summarize(run, model, modules):
     return summary
 
 
-# ---- The epoch: training (the method's step on every batch) and evaluation -----------------------
+# ---- Epoch: training (the method's step on every batch) and evaluation ---------------------------
 
 def train_epoch(run, args, data, model, opt, epoch, step):
     """One epoch: on every batch the method's local step of each module this process trains (all

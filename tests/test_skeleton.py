@@ -92,3 +92,17 @@ def test_help_gives_every_default(name, capsys):
     assert len(with_value) >= 17, with_value
     for option in with_value:
         assert "default" in entries[option].lower(), f"{name}.py --help: {option} shows no default"
+
+
+def test_common_has_its_map_and_short_parts():
+    """common.py opens with a map of its sections, in the order of its section banners, and no class
+    or function in it is longer than 150 lines (one job each, found in one place)."""
+    import ast
+    text = open(os.path.join(ROOT, "common.py")).read()
+    tree = ast.parse(text)
+    parts = re.findall(r"^  (\w+(?: \w+)?) {2,}\S", ast.get_docstring(tree), re.M)
+    banners = re.findall(r"^# ---- ([\w ]+):", text, re.M)
+    assert parts == banners and len(parts) >= 10, (parts, banners)
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert max(lengths.values()) <= 150, {name: n for name, n in lengths.items() if n > 150}
