@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import errno
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -1000,6 +1001,7 @@ class Processes:
             # destroy_process_group no longer ends its gloo threads (see close).
             import torch._dynamo as _  # noqa: F401
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            sys.excepthook = functools.partial(report_lost_contact, sys.excepthook)
             if 1 < self.replicas < self.world:  # every process creates every stage's group, in one order
                 groups = [dist.new_group(list(range(s, self.world, self.stage_count)))
                           for s in range(self.stage_count)]
@@ -1074,6 +1076,21 @@ class Processes:
         if self.world > 1:
             dist.barrier()
             dist.destroy_process_group()
+
+
+def report_lost_contact(hook, kind, error, trace):
+    """Under torchrun, a collective that fails because another process of the run has stopped (its
+    connections closed, reset or timed out) ends this one with a line, not a traceback from deep
+    inside torch.distributed: the process that stopped first printed the error to act on."""
+    if not (isinstance(error, RuntimeError) and LOST_CONTACT.search(str(error))):
+        return hook(kind, error, trace)
+    if first_to_fail():
+        cause = re.sub(r"^\[[^]]*\] *", "", str(error).strip().splitlines()[0]).split(". ")[0]
+        print(f"error: lost contact with another process of the run ({cause}): that one stopped first, and "
+              f"its own output says why", file=sys.stderr, flush=True)
+
+
+LOST_CONTACT = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|NCCL communicator|NCCL error", re.I)
 
 
 # ---- Pipeline: the K modules cut into P contiguous stages, one process each per replica ----------

@@ -222,6 +222,38 @@ def test_under_torchrun_an_error_is_printed_once(tmp_path):
     assert errors == ["error: --k 99 is not valid for resnet32: choose K from 1 to 16 (the number of layers)"]
 
 
+STOPS_AT_ITS_FIRST_SAVE = """import os, sys
+sys.path.insert(0, {root!r})
+import common, dgl
+def save(folder, ckpt):  # the main process stops as on {how}
+    {stop}
+common.RunFolder.save = save
+dgl.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("how,layout", [("an error", []), ("a crash", ["--pipeline"])])
+@pytest.mark.slow
+def test_under_torchrun_the_others_lose_contact_in_one_line(tmp_path, how, layout):
+    """When one process stops, the collectives of the others fail: no traceback from inside
+    torch.distributed, only a line, and only where no process of the machine printed its error."""
+    stop = ('common.die("cannot write it; free disk space")' if how == "an error" else "os._exit(3)")
+    script = tmp_path / "stops.py"
+    script.write_text(STOPS_AT_ITS_FIRST_SAVE.format(root=str(ROOT), how=how, stop=f"if folder.main: {stop}"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
+           "--k", "4", "--epochs", "2", *layout, "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1
+    assert "[rank1]" not in proc.stderr and "closed by peer" not in proc.stderr.lower(), proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    if how == "an error":
+        assert errors == ["error: cannot write it; free disk space"]
+    else:  # nothing printed by the process that crashed: the one that lost it says so
+        assert len(errors) == 1 and errors[0].startswith("error: lost contact with another process of the run (")
+        assert errors[0].endswith("that one stopped first, and its own output says why")
+
+
 # ---- 3. damaged and unwritable files ---------------------------------------------------------------
 
 @pytest.mark.slow
