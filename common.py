@@ -1088,6 +1088,8 @@ def report_lost_contact(hook, kind, error, trace):
         cause = re.sub(r"^\[[^]]*\] *", "", str(error).strip().splitlines()[0]).split(". ")[0]
         print(f"error: lost contact with another process of the run ({cause}): that one stopped first, and "
               f"its own output says why", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # now: a shutdown with the group's gloo threads alive can abort (see Processes.close)
 
 
 LOST_CONTACT = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|NCCL communicator|NCCL error", re.I)
