@@ -245,7 +245,7 @@ def test_under_torchrun_the_others_lose_contact_in_one_line(tmp_path, how, layou
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1
-    assert "[rank1]" not in proc.stderr and "closed by peer" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]  # gloo's traceback
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     if how == "an error":
         assert errors == ["error: cannot write it; free disk space"]
