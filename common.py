@@ -629,7 +629,8 @@ def parse_args(argv, doc, method, k, epochs, add_method_args=None, imagenet=None
     p.add_argument("--split", default="official", help="official | even | balanced (InfoPro*)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {epochs} (the paper's); synthetic "
                    f"{specs['synthetic'].epochs}, imagenet {specs['imagenet'].epochs}")
-    p.add_argument("--batch-size", type=int, help="global batch; default " + per_dataset(specs, "batch_size"))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch; default " + per_dataset(specs, "batch_size"))
     p.add_argument("--lr", type=float, default=None, help=f"initial lr; default {per_dataset(specs, 'lr')}")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum of the SGD optimizer")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay of every parameter (aux nets too)")
@@ -1078,6 +1079,9 @@ class Processes:
             dist.destroy_process_group()
 
 
+LOST_CONTACT = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|NCCL communicator|NCCL error", re.I)
+
+
 def report_lost_contact(hook, kind, error, trace):
     """Under torchrun, a collective that fails because another process of the run has stopped (its
     connections closed, reset or timed out) ends this one with a line, not a traceback from deep
@@ -1090,9 +1094,6 @@ def report_lost_contact(hook, kind, error, trace):
               f"its own output says why", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)  # now: a shutdown with the group's gloo threads alive can abort (see Processes.close)
-
-
-LOST_CONTACT = re.compile(r"closed by peer|reset by peer|broken pipe|timed out|NCCL communicator|NCCL error", re.I)
 
 
 # ---- Pipeline: the K modules cut into P contiguous stages, one process each per replica ----------
