@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -294,14 +295,16 @@ def test_half_written_metrics_line_and_temporary_files_are_dropped(after_epoch_1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line", ["[1, 2, 3]", '{"lr": 1}'])
-def test_a_metrics_line_that_is_not_an_epoch_is_one_line(after_epoch_1, tmp_path, line):
+@pytest.mark.parametrize("lines,needle", [(["[1, 2, 3]"], "is not an epoch's entry"),
+                                          (['{"lr": 1}'], "is not an epoch's entry"),
+                                          (["{not json", '{"epoch": 1}'], "is not JSON")])  # not a half-written last line
+def test_a_metrics_line_that_is_not_an_epoch_is_one_line(after_epoch_1, tmp_path, lines, needle):
     run = copy_run(after_epoch_1, tmp_path)
     with open(run / "metrics.jsonl", "a") as f:
-        f.write(line + "\n")
+        f.write("".join(line + "\n" for line in lines))
     with pytest.raises(SystemExit) as e:
         tiny("dgl", run, *AFTER_EPOCH_1, "--resume")
-    one_line_error(e, "metrics.jsonl line 2 is not an epoch's entry")
+    one_line_error(e, f"metrics.jsonl line 2 {needle}; repair or delete that line")
 
 
 @pytest.mark.slow
@@ -370,14 +373,21 @@ def test_data_dir_that_is_a_file(tmp_path):
     one_line_error(e, f"--data-dir {tmp_path / 'data'} is a file, not a folder")
 
 
-def test_truncated_cifar_batch(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "a label short"])
+def test_damaged_cifar_batch(tmp_path, damage):
     write_cifar(tmp_path, 4, 10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
                 "labels")
     path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
-    path.write_bytes(path.read_bytes()[:500])
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        with open(path, "wb") as f:
+            pickle.dump({**batch, "labels": batch["labels"][:-1]}, f)
     with pytest.raises(SystemExit) as e:
         common.read_raw_dataset("cifar10", str(tmp_path))
-    one_line_error(e, f"{path} is damaged")
+    one_line_error(e, f"{path} is damaged (" + ("UnpicklingError" if damage == "truncated" else "ValueError"))
 
 
 def test_garbage_stl10_file(tmp_path):
@@ -462,6 +472,18 @@ def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
             assert not t.is_floating_point() or torch.isfinite(t).all(), key
 
 
+@pytest.mark.slow
+def test_nonfinite_state_is_not_checkpointed_mid_epoch(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:  # a checkpoint after every step: the state overflows within epoch 1
+        tiny("dgl", out, "--k", "4", "--subset", "256", "--epochs", "3", "--lr", "1e4", "--warmup-epochs", "0",
+             "--save-every", "1")
+    one_line_error(e, "the model state became non-finite in epoch 1",
+                   f"the last good checkpoint is {out / 'checkpoint.pt'} (epoch 1, batch ")
+    for key, t in checkpoint_state(out).items():
+        assert not t.is_floating_point() or torch.isfinite(t).all(), key
+
+
 # ---- 5. SIGTERM / Ctrl-C and --save-every ----------------------------------------------------------
 
 @pytest.mark.slow
@@ -517,6 +539,60 @@ def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["steps"] == 3 and ckpt["partial"]["batch"] == 3
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
+
+
+@pytest.mark.slow
+def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
+    import dgl
+    step, calls = dgl.local_step, []
+
+    def twice_interrupted_step(net, modules, aux, args, i, *rest):  # Ctrl-C twice in step 3's first module
+        calls.append(i)
+        if calls.count(0) == 3 and i == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(net, modules, aux, args, i, *rest)
+    monkeypatch.setattr(dgl, "local_step", twice_interrupted_step)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # Python's own SIGINT handler, as without the run's
+        tiny("dgl", tmp_path / "run", "--k", "2", "--subset", "128", "--epochs", "1")
+    common.RunFolder.unlock()  # the process would end here, and the lock with it
+    assert calls[-1] == 0 and calls.count(0) == 3  # step 3 did not go on
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_a_signal_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, monkeypatch, epochs):
+    evaluate, out = common.evaluate, tmp_path / "run"
+
+    def interrupted_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(common, "evaluate", interrupted_evaluation)
+    if epochs == 1:  # the run is complete anyway: it ends as usual
+        assert tiny("dgl", out, "--k", "2", "--epochs", "1")["steps"] == 2
+        return
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", out, "--k", "2", "--epochs", "2")
+    assert e.value.code == 128 + signal.SIGTERM
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["steps"], ckpt["partial"]) == (1, 2, None)
+    assert [line["epoch"] for line in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_resumes_with_as_many_replicas(tmp_path):
+    out = tmp_path / "run"
+    tiny("dgl", out, *AFTER_EPOCH_1, "--steps", "1", "--save-every", "1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    partial = ckpt["partial"]
+    assert (partial["epoch"], partial["batch"], partial["replicas"]) == (1, 1, 1)
+    ckpt["partial"] = {**partial, "replicas": 2, "stats": partial["stats"] * 2, "aug": partial["aug"] * 2}
+    torch.save(ckpt, out / "checkpoint.pt")  # as two data-parallel processes write it
+    with pytest.raises(SystemExit) as e:
+        tiny("dgl", out, *AFTER_EPOCH_1, "--resume")
+    one_line_error(e, "was written mid-epoch by 2 data-parallel replicas; resume it with as many")
 
 
 # ---- 6. what was measured survives a resume ------------------------------------------------------
