@@ -51,8 +51,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 def die(message):
     """Stop with a one-line error that tells the user what to do (no traceback). The run folder's
-    lock goes with it, so that the folder is free at once (also to a run in this same process)."""
+    lock and the run's signal handlers go with it, so that a later run in this same process (tests,
+    a notebook) finds the folder free and Ctrl-C working as before."""
     RunFolder.unlock()
+    StopRequest.restore_all()
     raise SystemExit(f"error: {message}" if first_to_fail() else 1)
 
 
@@ -1454,6 +1456,7 @@ class StopRequest:
     after the current step: the run checkpoints and exits. A second one stops at once, as without
     this handler. A process started by torchrun whose launcher is gone (killed with SIGKILL: its
     processes live on in their own session) stops as on SIGTERM."""
+    _catching = []  # the requests whose handlers are installed, newest last
 
     def __init__(self, procs):
         self.procs, self.signal = procs, None  # the signal received, if one was
@@ -1465,11 +1468,19 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            StopRequest._catching.append(self)
 
     def restore(self):
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}
+        if self in StopRequest._catching:
+            StopRequest._catching.remove(self)
+
+    @staticmethod
+    def restore_all():
+        while StopRequest._catching:
+            StopRequest._catching[-1].restore()
 
     def _on_signal(self, signum, frame):
         if self.signal is not None:

@@ -198,6 +198,18 @@ def test_unknown_devices_are_refused(tmp_path, device):
     one_line_error(e, f"--device {device}", "use cpu, cuda or cuda:N")
 
 
+@pytest.mark.parametrize("method,args,needle", [
+    ("bp", ["--k", "2"], "bp.py trains end to end, so --k must be 1 (got 2); local methods take --k"),
+    ("bp", ["--k", "1", "--grad-checkpoint", "17"], "--grad-checkpoint must be from 0 to 16 (the number of layers)"),
+    ("mlaan", ["--arch", "resnet18", "--k", "4", "--base", "infopro"], "--base infopro is for the CIFAR ResNets"),
+])
+def test_a_method_refuses_what_it_cannot_build(tmp_path, method, args, needle):
+    with pytest.raises(SystemExit) as e:
+        tiny(method, tmp_path / "run", *args)
+    one_line_error(e, needle)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
 @pytest.mark.slow
 def test_a_subset_without_a_full_step_is_refused(tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -297,7 +309,7 @@ def test_half_written_metrics_line_and_temporary_files_are_dropped(after_epoch_1
 @pytest.mark.slow
 @pytest.mark.parametrize("lines,needle", [(["[1, 2, 3]"], "is not an epoch's entry"),
                                           (['{"lr": 1}'], "is not an epoch's entry"),
-                                          (["{not json", '{"epoch": 1}'], "is not JSON")])  # not a half-written last line
+                                          (["{not json", '{"epoch": 1}'], "is not JSON")])  # and not the last line
 def test_a_metrics_line_that_is_not_an_epoch_is_one_line(after_epoch_1, tmp_path, lines, needle):
     run = copy_run(after_epoch_1, tmp_path)
     with open(run / "metrics.jsonl", "a") as f:
@@ -459,7 +471,7 @@ def test_script_with_loader_workers_exits_after_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
-    out = tmp_path / "run"
+    out, handlers = tmp_path / "run", [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(SystemExit) as e:  # the loss stays finite for an epoch while BatchNorm statistics overflow
         tiny("dgl", out, "--k", "4", "--epochs", "3", "--lr", "1e4", "--warmup-epochs", "0")
     message = one_line_error(e, "; lower --lr (it was ")
@@ -470,6 +482,7 @@ def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
         assert f"last good checkpoint is {out / 'checkpoint.pt'} (epoch {epoch - 1})" in message
         for key, t in checkpoint_state(out).items():
             assert not t.is_floating_point() or torch.isfinite(t).all(), key
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # not the dead run's
 
 
 @pytest.mark.slow
@@ -553,12 +566,16 @@ def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return step(net, modules, aux, args, i, *rest)
     monkeypatch.setattr(dgl, "local_step", twice_interrupted_step)
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):  # Python's own SIGINT handler, as without the run's
-        tiny("dgl", tmp_path / "run", "--k", "2", "--subset", "128", "--epochs", "1")
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the second signal goes to that handler, as without the run's
+            tiny("dgl", tmp_path / "run", "--k", "2", "--subset", "128", "--epochs", "1")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, handler)
     common.RunFolder.unlock()  # the process would end here, and the lock with it
     assert calls[-1] == 0 and calls.count(0) == 3  # step 3 did not go on
-    assert not (tmp_path / "run" / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is handler
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 @pytest.mark.slow
