@@ -298,6 +298,16 @@ def test_imagenet_generalisation():
     assert all(node.image is None and len(node.recent) == 1 for node in aux["context"].nodes)
 
 
+def test_imagenet_decoder_is_infopros_with_a_sigmoid():
+    """ContSup's ImageNet decoder (built with --reconstruct): InfoPro's, its output squashed into [0, 1]."""
+    import infopro
+    ours, infopros = contsup.ImageNetDecoder(512, 224), infopro.ImageNetDecoder(512, 224)
+    infopros.load_state_dict({k.replace("stages.3.0.", "stages.3."): v for k, v in ours.state_dict().items()})
+    h = torch.randn(2, 512, 28, 28)
+    out = ours(h)
+    assert out.shape == (2, 3, 224, 224) and torch.equal(out, torch.sigmoid(infopros(h)))
+
+
 def test_imagenet_reconstruct_needs_lambdas():
     with pytest.raises(SystemExit, match=r"--reconstruct has no official loss weights for resnet18 on imagenet"):
         imagenet_aux("resnet18", 3, "--reconstruct")
