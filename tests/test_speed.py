@@ -12,6 +12,7 @@ from conftest import QUICK, ROOT, run_script, train_step
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench  # noqa: E402
+import figures  # noqa: E402
 import gpu  # noqa: E402
 
 
@@ -129,3 +130,15 @@ def test_benchmark_docstring_commands_are_whole_lines():
     assert len(commands) == 8 and not any("  " in c or "\\" in c for c in commands), commands
     cases = [c.split("--cases ")[1].split(" --")[0].split() for c in commands if "--cases" in c]
     assert cases and all(bench.parse_case(case) for case in cases[0])
+
+
+@pytest.mark.slow
+def test_figures_table_and_plot(tmp_path):
+    """benchmarks/figures.py on a subset: the ratios to bp.py in figures.md and the plot in figures.png."""
+    results, _ = figures.main(["--out", str(tmp_path), "--archs", "resnet32", "--ks", "2", "4", "--methods", "bp", "dgl",
+                               "--no-table3"])
+    cell = results["resnet32", "cifar10"]
+    memory = [figures.ratios(cell["dgl", k], cell["bp"])[0] for k in (2, 4)]
+    assert 1 > memory[0] > memory[1]  # the saving local learning exists for, larger with more modules
+    table = (tmp_path / "figures.md").read_text()
+    assert "| dgl | {:.2f} / ".format(memory[0]) in table and (tmp_path / "figures.png").stat().st_size > 10_000
