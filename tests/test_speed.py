@@ -1,4 +1,4 @@
-"""--bf16, --channels-last, --compile, --no-augment, --fake-data and the benchmark script."""
+"""--bf16, --channels-last, --compile, --no-augment, --fake-data, the benchmark script and figures.py."""
 import functools
 import os
 import sys
@@ -99,6 +99,16 @@ def test_benchmark_table_on_cpu(tmp_path):
     assert rows[2]["memory"] != rows[3]["memory"]  # the options reached the script (R1 keeps more)
 
 
+@pytest.mark.slow
+def test_benchmark_reports_a_failed_case_and_goes_on(tmp_path):
+    """A case the script refuses (here in this process: a GPU's out-of-memory is reported the same way)."""
+    rows = bench.main(["--cases", "mlaan:resnet32:2:cifar10:8", "dgl:resnet32:2:cifar10:8", "--steps", "1",
+                       "--device", "cpu", "--out", str(tmp_path / "table.md")])
+    assert [(r["method"], "error" in r) for r in rows] == [("bp", False), ("mlaan", True), ("dgl", False)]
+    assert ("| mlaan | - | resnet32 | 2 | cifar10 | 8 | fp32 | failed: error: --base plain cascades 2 modules per "
+            "window, so --k must be at least 3") in (tmp_path / "table.md").read_text()
+
+
 def test_benchmark_bad_case():
     with pytest.raises(SystemExit, match=r"write METHOD:ARCH:K:DATASET:BATCH\[:OPTIONS\]"):
         bench.main(["--cases", "dgl:resnet32"])
@@ -135,8 +145,8 @@ def test_benchmark_docstring_commands_are_whole_lines():
 @pytest.mark.slow
 def test_figures_table_and_plot(tmp_path):
     """benchmarks/figures.py on a subset: the ratios to bp.py in figures.md and the plot in figures.png."""
-    results, _ = figures.main(["--out", str(tmp_path), "--archs", "resnet32", "--ks", "2", "4", "--methods", "bp", "dgl",
-                               "--no-table3"])
+    results, _ = figures.main(["--out", str(tmp_path), "--archs", "resnet32", "--ks", "2", "4",
+                               "--methods", "bp", "dgl", "--no-table3"])
     cell = results["resnet32", "cifar10"]
     memory = [figures.ratios(cell["dgl", k], cell["bp"])[0] for k in (2, 4)]
     assert 1 > memory[0] > memory[1]  # the saving local learning exists for, larger with more modules
