@@ -1483,8 +1483,9 @@ class StopRequest:
             StopRequest._catching[-1].restore()
 
     def _on_signal(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is not None:  # the run is abandoned: its folder is free (a notebook may go on)
             self.restore()
+            RunFolder.unlock()
             signal.raise_signal(signum)
             return
         self.signal = signum
