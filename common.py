@@ -50,12 +50,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def die(message):
-    """Stop with a one-line error that tells the user what to do (no traceback). The run folder's
-    lock and the run's signal handlers go with it, so that a later run in this same process (tests,
-    a notebook) finds the folder free and Ctrl-C working as before."""
+    """Stop with a one-line error that tells the user what to do (no traceback)."""
+    release_run()
+    raise SystemExit(f"error: {message}" if first_to_fail() else 1)
+
+
+def release_run():
+    """Give back what a run holds in its process beyond its objects, the run folder's lock and the
+    signal handlers, so that a later run in this same process (tests, a notebook, a benchmark's next
+    case) finds the folder free and Ctrl-C working as before."""
     RunFolder.unlock()
     StopRequest.restore_all()
-    raise SystemExit(f"error: {message}" if first_to_fail() else 1)
 
 
 def first_to_fail():
@@ -1484,8 +1489,7 @@ class StopRequest:
 
     def _on_signal(self, signum, frame):
         if self.signal is not None:  # the run is abandoned: its folder is free (a notebook may go on)
-            self.restore()
-            RunFolder.unlock()
+            release_run()
             signal.raise_signal(signum)
             return
         self.signal = signum

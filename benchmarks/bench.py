@@ -152,6 +152,7 @@ def run_in_process(case, steps, device, extra):
         except (SystemExit, RuntimeError) as e:  # a refused option, CUDA out of memory: report, go on
             return {**case, "error": str(e).splitlines()[0]}
         finally:
+            importlib.import_module("common").release_run()  # after an error: the lock and signal handlers
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -1,6 +1,7 @@
 """--bf16, --channels-last, --compile, --no-augment, --fake-data, the benchmark script and figures.py."""
 import functools
 import os
+import signal
 import sys
 
 import pytest
@@ -101,12 +102,26 @@ def test_benchmark_table_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_reports_a_failed_case_and_goes_on(tmp_path):
-    """A case the script refuses (here in this process: a GPU's out-of-memory is reported the same way)."""
     rows = bench.main(["--cases", "mlaan:resnet32:2:cifar10:8", "dgl:resnet32:2:cifar10:8", "--steps", "1",
                        "--device", "cpu", "--out", str(tmp_path / "table.md")])
     assert [(r["method"], "error" in r) for r in rows] == [("bp", False), ("mlaan", True), ("dgl", False)]
     assert ("| mlaan | - | resnet32 | 2 | cifar10 | 8 | fp32 | failed: error: --base plain cascades 2 modules per "
             "window, so --k must be at least 3") in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_case_in_process_leaves_the_process_as_it_was(monkeypatch):
+    """The GPU kit and figures.py run their cases in one process: a case the script refuses or one that
+    runs out of memory is a row that says why, and leaves no lock and no signal handler behind."""
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(dgl, "local_step", out_of_memory)
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    case = dict(arch="resnet32", k=2, dataset="cifar10", batch=8, options=[])
+    rows = [bench.run_in_process({**case, "method": method}, 1, "cpu", "") for method in ("mlaan", "dgl", "predsim")]
+    assert rows[0]["error"].startswith("error: --base plain cascades 2 modules per window")
+    assert rows[1]["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB" and rows[2]["memory"] > 0
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers and not common.RunFolder._locked
 
 
 def test_benchmark_bad_case():
