@@ -3,6 +3,7 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -152,6 +153,18 @@ def checkpoint_state(out):
 @pytest.fixture
 def common():
     return importlib.import_module("common")
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind():
+    """Every run of a test, finished or stopped by an error or a signal, gives back its folder's lock
+    and its signal handlers (common.release_run): nothing of it reaches the next test."""
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    yield
+    common = sys.modules.get("common")
+    if common is not None:
+        assert not common.RunFolder._locked and not common.StopRequest._catching, "a run was left behind"
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
 @pytest.fixture

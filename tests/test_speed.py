@@ -70,6 +70,7 @@ def test_compile_wraps_every_piece_without_changing_state_keys(tmp_path):
     keys = set(model.state_dict())
     step = functools.partial(dgl.local_step, net, modules, aux, args)
     run.start(model, common.make_optimizer(args, model), data, modules, step)
+    common.release_run()  # the run is not trained: its lock and signal handlers go back now
     pieces = [*net.layers, net.head, *aux.children()]
     assert all(p._compiled_call_impl is not None for p in pieces)
     assert set(model.state_dict()) == keys  # checkpoints stay loadable without --compile
