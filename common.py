@@ -57,8 +57,8 @@ def die(message):
 
 def release_run():
     """Give back what a run holds in its process beyond its objects, the run folder's lock and the
-    signal handlers, so that a later run in this same process (tests, a notebook, a benchmark's next
-    case) finds the folder free and Ctrl-C working as before."""
+    signal handlers, however it ends, so that a later run in this same process (tests, a notebook, a
+    benchmark's next case) finds the folder free and Ctrl-C working as before."""
     RunFolder.unlock()
     StopRequest.restore_all()
 
@@ -1362,7 +1362,7 @@ class RunFolder:
                 print(f"{self.args.out}: the run is complete ({ckpt['epoch']} epochs, {ckpt['steps']} steps); "
                       f"nothing to resume", flush=True)
             self.procs.close()
-            RunFolder.unlock()
+            release_run()
             raise SystemExit(0)
         try:
             model.load_state_dict(ckpt["model"])
@@ -1503,7 +1503,7 @@ class StopRequest:
         self.restore()
         self.settle()
         self.procs.close()
-        RunFolder.unlock()
+        release_run()
         raise SystemExit(128 + sig)
 
     def settle(self):
@@ -1745,7 +1745,7 @@ class Run:
         self.stop.settle()
         self.stages.flush()
         self.procs.close()
-        RunFolder.unlock()
+        release_run()
         return summary
 
 

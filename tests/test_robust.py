@@ -471,7 +471,7 @@ def test_script_with_loader_workers_exits_after_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
-    out, handlers = tmp_path / "run", [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:  # the loss stays finite for an epoch while BatchNorm statistics overflow
         tiny("dgl", out, "--k", "4", "--epochs", "3", "--lr", "1e4", "--warmup-epochs", "0")
     message = one_line_error(e, "; lower --lr (it was ")
@@ -482,7 +482,6 @@ def test_nonfinite_state_stops_before_its_checkpoint(tmp_path):
         assert f"last good checkpoint is {out / 'checkpoint.pt'} (epoch {epoch - 1})" in message
         for key, t in checkpoint_state(out).items():
             assert not t.is_floating_point() or torch.isfinite(t).all(), key
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # not the dead run's
 
 
 @pytest.mark.slow
